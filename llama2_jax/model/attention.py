@@ -1,0 +1,131 @@
+"""Attention kernels behind one signature, chosen by `LlamaConfig.attention`.
+
+All take queries [batch, q_len, heads, head_dim] and keys/values [batch, kv_len, kv_heads,
+head_dim] (grouped-query attention: each kv head serves heads // kv_heads query heads), and
+attend causally by slot: query t sits at slot `q_offset + t`. Segment ids keep packed documents
+apart — a query sees only keys of its own segment — and id 0 marks padding or an empty cache slot.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax.core import spmd
+
+from llama2_jax.model import axes
+
+# Large enough to vanish under softmax in float32, small enough never to overflow to -inf - -inf.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+PLATFORM_OF_IMPLEMENTATION = {"xla": None, "cudnn": "gpu", "splash": "tpu"}
+
+
+def check_available(implementation: str, platform: str) -> None:
+    """Fails early, and clearly, when a kernel is asked for on a platform that lacks it."""
+    needed = PLATFORM_OF_IMPLEMENTATION[implementation]
+    if needed is not None and platform != needed:
+        raise ValueError(
+            f"attention={implementation!r} runs only on {needed.upper()}, but the devices are "
+            f"{platform!r}; set model.attention='xla' (works everywhere) or run on a {needed}."
+        )
+
+
+def attention_mask(
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    q_len: int,
+    kv_len: int,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Boolean [batch or 1, q_len, kv_len]: causal by slot, and within one segment."""
+    q_slots = q_offset + jnp.arange(q_len)
+    mask = (jnp.arange(kv_len)[None, :] <= q_slots[:, None])[None]
+    if q_segment_ids is not None:
+        mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    return mask
+
+
+def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset=0):
+    """Reference implementation: plain einsums, float32 scores and softmax."""
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    grouped_q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", grouped_q, k, preferred_element_type=jnp.float32)
+    scores = scores * (head_dim**-0.5)
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_len, k.shape[1], q_offset)
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
+
+
+def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):
+    """cuDNN flash attention; packed documents reach it as a boolean segment mask."""
+    mask = None
+    if q_segment_ids is not None:
+        mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
+
+
+def splash_attention(q, k, v, segment_ids):
+    """Pallas splash attention on TPU, run per device shard inside `shard_map`.
+
+    The kernel sees whole sequences and whole heads of its shard, so the batch may be sharded
+    over (data, fsdp) and the heads over tensor, but never the sequence.
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
+
+    if segment_ids is None:
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+
+    def local_attention(q, k, v, segment_ids):
+        _, length, heads, head_dim = q.shape
+        causal = masks.MultiHeadMask([masks.CausalMask((length, length))] * heads)
+        kernel = splash.make_splash_mha(causal, head_shards=1, q_seq_shards=1)
+        # The kernel wants [heads, length, head_dim] per example and does not scale the scores.
+        q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q * head_dim**-0.5, k, v))
+        ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
+        out = jax.vmap(kernel)(q, k, v, ids)
+        return jnp.swapaxes(out, 1, 2)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    rules = spmd.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return local_attention(q, k, v, segment_ids)
+    q_spec = axes.logical_to_spec((axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None), rules)
+    kv_spec = axes.logical_to_spec((axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None), rules)
+    ids_spec = axes.logical_to_spec((axes.BATCH, axes.LENGTH), rules)
+    sharded = jax.shard_map(
+        local_attention,
+        in_specs=(q_spec, kv_spec, kv_spec, ids_spec),
+        out_specs=q_spec,
+        check_vma=False,
+    )
+    return sharded(q, k, v, segment_ids)
+
+
+def dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    *,
+    implementation: str,
+    q_offset: jax.Array | int = 0,
+) -> jax.Array:
+    """Dispatches to the configured kernel.
+
+    Decoding against a KV cache (queries shorter than keys, `q_offset` > 0) always takes the XLA
+    path: one query row against the cache is bound by memory reads, where the fused kernels gain
+    nothing and expect square causal blocks.
+    """
+    decoding = q.shape[1] != k.shape[1]
+    if implementation == "xla" or decoding:
+        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
+    if implementation == "cudnn":
+        return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
+    if implementation == "splash":
+        return splash_attention(q, k, v, q_segment_ids)
+    raise ValueError(f"unknown attention implementation {implementation!r}")
+
+

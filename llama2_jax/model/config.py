@@ -1,0 +1,201 @@
+"""Model shapes: the paper's sizes (PAPER.md), small presets for tests and the demo, any custom shape."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+REMAT_POLICIES = ("none", "minimal", "save_dots", "save_dots_no_batch", "full")
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
+    """Meta's rounding rule: 2/3 of 4·dim, scaled, rounded up to a multiple of `multiple_of`."""
+    hidden = int(2 * 4 * dim / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Everything that fixes the model's shape and numerics.
+
+    `param_dtype` is what the weights are stored in (float32 master weights for training);
+    `compute_dtype` is what matmuls run in. RMSNorm, softmax and logits stay float32 regardless.
+    """
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    param_dtype: str = "float32"
+    compute_dtype: str = "bfloat16"
+    attention: str = "xla"
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        problems = []
+        if self.dim % self.n_heads:
+            problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        elif self.head_dim % 2:
+            problems.append(f"head_dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(
+                f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}"
+            )
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            problems.append(
+                f"attention={self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}"
+            )
+        if self.remat not in REMAT_POLICIES:
+            problems.append(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+        if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len) <= 0:
+            problems.append("vocab_size, dim, n_layers, n_heads and max_seq_len must be positive")
+        if problems:
+            raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "LlamaConfig":
+        """A named size (`tiny`, `small`, `7b`, `13b`, `34b`, `70b`) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def replace(self, **overrides: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "LlamaConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown LlamaConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**values)
+
+    # Meta's params.json and Hugging Face's config.json describe the same shape in other words.
+
+    @classmethod
+    def from_meta_params(cls, params: dict[str, Any], **overrides: Any) -> "LlamaConfig":
+        fields = dict(
+            vocab_size=params["vocab_size"],
+            dim=params["dim"],
+            n_layers=params["n_layers"],
+            n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads") or params["n_heads"],
+            multiple_of=params.get("multiple_of", 256),
+            ffn_dim_multiplier=params.get("ffn_dim_multiplier"),
+            norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=params.get("rope_theta", 10000.0),
+        )
+        return cls(**{**fields, **overrides})
+
+    def to_meta_params(self) -> dict[str, Any]:
+        params = dict(
+            dim=self.dim,
+            n_layers=self.n_layers,
+            n_heads=self.n_heads,
+            n_kv_heads=self.n_kv_heads,
+            vocab_size=self.vocab_size,
+            multiple_of=self.multiple_of,
+            ffn_dim_multiplier=self.ffn_dim_multiplier,
+            norm_eps=self.norm_eps,
+            rope_theta=self.rope_theta,
+        )
+        return {key: value for key, value in params.items() if value is not None}
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "LlamaConfig":
+        """Hugging Face stores the FFN width itself; find Meta's (multiple_of, multiplier) that give it."""
+        dim, ffn_dim = hf["hidden_size"], hf["intermediate_size"]
+        multiple_of, multiplier = _meta_ffn_parameters(dim, ffn_dim)
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            dim=dim,
+            n_layers=hf["num_hidden_layers"],
+            n_heads=hf["num_attention_heads"],
+            n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            multiple_of=multiple_of,
+            ffn_dim_multiplier=multiplier,
+            norm_eps=hf.get("rms_norm_eps", 1e-5),
+            rope_theta=hf.get("rope_theta", 10000.0),
+            max_seq_len=hf.get("max_position_embeddings", 4096),
+        )
+        return cls(**{**fields, **overrides})
+
+    def to_hf_config(self) -> dict[str, Any]:
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_seq_len,
+            "rms_norm_eps": self.norm_eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": False,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
+        }
+
+
+def _meta_ffn_parameters(dim: int, ffn_dim: int) -> tuple[int, float | None]:
+    """The simplest Meta parameters that reproduce a given FFN width exactly."""
+    for multiple_of in (256, 4096, 128, 64, 32, 16, 8, 4, 2, 1):
+        if ffn_hidden_dim(dim, multiple_of, None) == ffn_dim:
+            return multiple_of, None
+    # An explicit multiplier with multiple_of 1 reproduces any width: int(m * h) == ffn_dim.
+    base = int(2 * 4 * dim / 3)
+    multiplier = ffn_dim / base
+    while int(multiplier * base) < ffn_dim:
+        multiplier = float(multiplier + 1e-12)
+    return 1, multiplier
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # Tests: compiles in seconds, every axis divisible by the test meshes (8 devices).
+    "tiny": LlamaConfig(
+        vocab_size=4096, dim=128, n_layers=4, n_heads=4, n_kv_heads=4, multiple_of=32,
+        max_seq_len=256,
+    ),
+    # The demo: learns Shakespeare's surface form in minutes on two CPU cores.
+    "small": LlamaConfig(
+        vocab_size=4096, dim=256, n_layers=6, n_heads=8, n_kv_heads=4, multiple_of=64,
+        max_seq_len=512,
+    ),
+    "7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, multiple_of=256),
+    "13b": LlamaConfig(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, multiple_of=256),
+    "34b": LlamaConfig(
+        dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.0
+    ),
+    "70b": LlamaConfig(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3
+    ),
+}

@@ -1,0 +1,306 @@
+"""The Llama 2 decoder in Flax NNX: pre-norm blocks, RoPE, grouped-query attention, SwiGLU.
+
+Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`, so one block is
+compiled whatever the depth; the remat policy wraps that one block. Weights are stored in
+`param_dtype` and cast to `compute_dtype` where they are used; norms, softmax and logits are
+float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from llama2_jax.model import axes
+from llama2_jax.model.attention import dot_product_attention
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.rope import apply_rope
+
+REMAT_POLICIES = {
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+def _param(rngs: nnx.Rngs, shape, dtype, logical_axes, stddev=0.02) -> nnx.Param:
+    init = nnx.initializers.normal(stddev=stddev)
+    return nnx.Param(init(rngs.params(), shape, dtype), logical_axes=tuple(logical_axes))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, config: LlamaConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), config.param_dtype), logical_axes=(axes.NORM,))
+        self.eps = eps
+        self.compute_dtype = config.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(self.compute_dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        dim, heads, kv_heads, head_dim = (
+            config.dim, config.n_heads, config.n_kv_heads, config.head_dim,
+        )
+        dtype = config.param_dtype
+        self.wq = _param(rngs, (dim, heads, head_dim), dtype, (axes.EMBED, axes.Q_HEADS, axes.HEAD_DIM))
+        self.wk = _param(rngs, (dim, kv_heads, head_dim), dtype, (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
+        self.wv = _param(rngs, (dim, kv_heads, head_dim), dtype, (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
+        # Residual-branch outputs start smaller so the stream's variance does not grow with depth.
+        self.wo = _param(
+            rngs, (heads, head_dim, dim), dtype, (axes.Q_HEADS, axes.HEAD_DIM, axes.EMBED),
+            stddev=0.02 / (2 * config.n_layers) ** 0.5,
+        )
+        self.config = config
+
+    def __call__(self, x, positions, segment_ids, kv_cache=None, cache_segment_ids=None, cache_index=0):
+        cfg = self.config
+        cast = lambda w: w[...].astype(cfg.compute_dtype)  # noqa: E731
+        q = jnp.einsum("btd,dhk->bthk", x, cast(self.wq))
+        k = jnp.einsum("btd,dhk->bthk", x, cast(self.wk))
+        v = jnp.einsum("btd,dhk->bthk", x, cast(self.wv))
+        q = axes.constrain(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
+        k = axes.constrain(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+        v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+
+        if kv_cache is None:
+            keys, values, kv_segment_ids = k, v, segment_ids
+        else:
+            cached_k, cached_v = kv_cache
+            slot = (0, cache_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), slot)
+            values = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), slot)
+            kv_cache = (keys, values)
+            kv_segment_ids = cache_segment_ids
+
+        out = dot_product_attention(
+            q, keys.astype(q.dtype), values.astype(q.dtype), segment_ids, kv_segment_ids,
+            implementation=cfg.attention, q_offset=cache_index,
+        )
+        return jnp.einsum("bthk,hkd->btd", out, cast(self.wo)), kv_cache
+
+
+class FeedForward(nnx.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        dim, hidden, dtype = config.dim, config.ffn_dim, config.param_dtype
+        self.w1 = _param(rngs, (dim, hidden), dtype, (axes.EMBED, axes.MLP))
+        self.w3 = _param(rngs, (dim, hidden), dtype, (axes.EMBED, axes.MLP))
+        self.w2 = _param(
+            rngs, (hidden, dim), dtype, (axes.MLP, axes.EMBED),
+            stddev=0.02 / (2 * config.n_layers) ** 0.5,
+        )
+        self.compute_dtype = config.compute_dtype
+
+    def __call__(self, x):
+        cast = lambda w: w[...].astype(self.compute_dtype)  # noqa: E731
+        gate = jax.nn.silu(x @ cast(self.w1))
+        hidden = axes.constrain(gate * (x @ cast(self.w3)), (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+        return hidden @ cast(self.w2)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, config)
+        self.attention = Attention(config, rngs=rngs)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps, config)
+        self.feed_forward = FeedForward(config, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, kv_cache=None, cache_segment_ids=None, cache_index=0):
+        attended, kv_cache = self.attention(
+            self.attention_norm(x), positions, segment_ids, kv_cache, cache_segment_ids, cache_index
+        )
+        h = x + attended
+        out = h + self.feed_forward(self.ffn_norm(h))
+        return axes.constrain(out, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)), kv_cache
+
+
+@struct.dataclass
+class KVCache:
+    """Keys and values of every layer for decoding, kv heads only.
+
+    `keys`/`values`: [layers, batch, max_length, kv_heads, head_dim]; `segment_ids`: [batch,
+    max_length], 0 for padding and for slots not yet written; `index`: the next slot to write.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[2]
+
+
+class Transformer(nnx.Module):
+    """Embedding, the stacked blocks and the final norm: what the LM and the reward model share."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.embedder = nnx.Module()
+        self.embedder.embedding = _param(
+            rngs, (config.vocab_size, config.dim), config.param_dtype, (axes.VOCAB, axes.EMBED)
+        )
+
+        @nnx.split_rngs(splits=config.n_layers)
+        @nnx.vmap(
+            in_axes=(0,), out_axes=0,
+            transform_metadata={nnx.PARTITION_NAME: axes.LAYERS, "logical_axes": axes.LAYERS},
+        )
+        def stacked_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(config, rngs=rngs)
+
+        self.layers = stacked_blocks(rngs)
+        self.norm = RMSNorm(config.dim, config.norm_eps, config)
+
+    def hidden_states(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final-norm hidden states [batch, length, dim] in the compute dtype."""
+        positions = _default_positions(tokens, positions)
+        x = self._embed(tokens)
+        x, _ = self._run_layers(x, positions, segment_ids)
+        return self.norm(x)
+
+    def _embed(self, tokens):
+        # A row gather cannot be split over a sharded table without the partitioner replicating
+        # it in float32; gather the table once in the compute dtype, as FSDP gathers any weight.
+        table = self.embedder.embedding[...].astype(self.config.compute_dtype)
+        x = jnp.take(axes.constrain(table, (None, None)), tokens, axis=0)
+        return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+
+    def _run_layers(self, x, positions, segment_ids, cache: KVCache | None = None):
+        graphdef, layer_state = nnx.split(self.layers)
+
+        def one_block(h, layer):
+            state, kv_cache = layer
+            block = nnx.merge(graphdef, state)
+            cache_segment_ids = None if cache is None else cache.segment_ids
+            cache_index = 0 if cache is None else cache.index
+            return block(h, positions, segment_ids, kv_cache, cache_segment_ids, cache_index)
+
+        if self.config.remat != "none":
+            one_block = jax.checkpoint(
+                one_block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False
+            )
+        kv_caches = None if cache is None else (cache.keys, cache.values)
+        return jax.lax.scan(one_block, x, (layer_state, kv_caches))
+
+
+class Llama(Transformer):
+    """The causal language model: `model(tokens, positions, segment_ids)` → float32 logits."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        self.output = nnx.Module()
+        self.output.kernel = _param(
+            rngs, (config.dim, config.vocab_size), config.param_dtype, (axes.EMBED, axes.VOCAB)
+        )
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """Logits [batch, length, vocab] in float32.
+
+        `positions` default to 0..length-1; `segment_ids` (1, 2, … per packed document, 0 for
+        padding) keep documents from attending to each other; None means one document per row.
+        """
+        return self.logits(self.hidden_states(tokens, positions, segment_ids))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        kernel = self.output.kernel[...].astype(self.config.compute_dtype)
+        logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
+        return axes.constrain(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
+
+    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+        """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt included)."""
+        cfg = self.config
+        if max_length > cfg.max_seq_len:
+            raise ValueError(
+                f"cache of {max_length} tokens exceeds the model's context of {cfg.max_seq_len}; "
+                "shorten the prompt or the number of new tokens"
+            )
+        shape = (cfg.n_layers, batch_size, max_length, cfg.n_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.compute_dtype
+        return KVCache(
+            keys=jnp.zeros(shape, dtype),
+            values=jnp.zeros(shape, dtype),
+            segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def decode(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs `tokens` [batch, T] at cache slots [index, index + T) and returns their logits.
+
+        Used for the prompt (prefill, T = prompt bucket) and for each new token (T = 1). Rows of
+        different prompt lengths are left-padded: padding has segment id 0 and is never attended.
+        """
+        length = tokens.shape[1]
+        cache = cache.replace(
+            segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
+        )
+        x = self._embed(tokens)
+        x, (keys, values) = self._run_layers(x, positions, segment_ids, cache)
+        logits = self.logits(self.norm(x))
+        return logits, cache.replace(keys=keys, values=values, index=cache.index + length)
+
+
+class LlamaRewardModel(Transformer):
+    """The reward model: the backbone with a scalar head in place of the next-token head."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, rngs=rngs)
+        self.score = nnx.Module()
+        self.score.kernel = _param(rngs, (config.dim, 1), config.param_dtype, (axes.EMBED, None))
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """One float32 score per row: the last non-padding token's hidden state, projected.
+
+        Padding is wherever `segment_ids` is 0 (left or right); without segment ids the whole
+        row is the sequence.
+        """
+        hidden = self.hidden_states(tokens, positions, segment_ids)
+        length = tokens.shape[1]
+        if segment_ids is None:
+            last = jnp.full((tokens.shape[0],), length - 1)
+        else:
+            last = length - 1 - jnp.argmax(segment_ids[:, ::-1] != 0, axis=1)
+        final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+        kernel = self.score.kernel[...].astype(jnp.float32)
+        return (final.astype(jnp.float32) @ kernel)[:, 0]
+
+
+def _default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:
+    if positions is not None:
+        return positions
+    return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def param_count(config: LlamaConfig) -> int:
+    """Number of parameters of the language model, counted on shapes alone (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
