@@ -1,0 +1,68 @@
+"""`python -m llama2_jax data <build|tokenize|info>`: build tfds datasets from local files, tokenize
+them once into array_record token ids, and show what a dataset holds.
+
+    data build --name mycorpus --format text --input docs/ --holdout-fraction 0.01
+    data tokenize --dataset local_text/mycorpus --out /data/mycorpus_tokens [--tokenizer tok.model]
+    data info --dataset shakespeare
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+
+from llama2_jax.data import sources, tokenized
+from llama2_jax.data.records import DataError
+from llama2_jax.data.tokenizer import Tokenizer
+
+
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llama2_jax data", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="", help="tfds data_dir (default ~/.cache/llama2_jax/tensorflow_datasets)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="build a tfds dataset (array_record) from local files")
+    build.add_argument("--name", required=True, help="dataset name; loads later as <builder>/<name>")
+    build.add_argument("--input", nargs="+", required=True, help="files or directories")
+    build.add_argument("--format", choices=sources.FORMATS, default="text")
+    build.add_argument("--text-field", default="text", help="JSONL field with the text (format jsonl)")
+    build.add_argument("--document-chars", type=int, default=0,
+                       help="cut text files at blank lines into documents of about this size (0: whole files)")
+    build.add_argument("--holdout-fraction", type=float, default=0.0, help="share held out as `validation`")
+    build.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
+
+    tokenize = commands.add_parser("tokenize", help="tokenize a text dataset once into array_record token ids")
+    tokenize.add_argument("--dataset", default="shakespeare", help="a prepared dataset name")
+    tokenize.add_argument("--out", required=True, help="output directory (set it as data.tokenized_dir)")
+    tokenize.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: the bundled one)")
+
+    info = commands.add_parser("info", help="splits, sizes and metadata of a prepared dataset")
+    info.add_argument("--dataset", default="shakespeare")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> int:
+    """CLI entry point; bad input prints one error line and returns 1."""
+    args = _parse_args(argv)
+    data_dir = args.data_dir or None
+    try:
+        if args.command == "build":
+            builder = sources.build_local_dataset(
+                args.name, args.input, format=args.format, data_dir=data_dir, text_field=args.text_field,
+                document_chars=args.document_chars, holdout_fraction=args.holdout_fraction,
+                skip_bad_lines=args.skip_bad_lines)
+            print(sources.describe(builder))
+            print(f"train with --config.data.dataset={builder.name}/{args.name}")
+        elif args.command == "tokenize":
+            builder = sources.prepared_dataset(args.dataset, data_dir)
+            metadata = tokenized.write_tokenized(builder, Tokenizer(args.tokenizer), args.out)
+            print(json.dumps(metadata["splits"], indent=2))
+            print(f"train with --config.data.tokenized_dir={args.out}")
+        else:
+            print(sources.describe(sources.prepared_dataset(args.dataset, data_dir)))
+    except (DataError, FileNotFoundError) as error:
+        print(f"error: {error}")
+        return 1
+    return 0

@@ -1,0 +1,267 @@
+"""tensorflow-datasets builders for local data and the bundled Shakespeare corpus (array_record files).
+
+Builders:  shakespeare            the corpus in llama2_jax/assets, with a held-out `validation` split
+           local_text/NAME        text files (one document each, or cut at blank lines) or JSONL text
+           local_chat/NAME        JSONL dialogs: {"messages": [{"role", "content"}, ...]}
+           local_preferences/NAME JSONL preference pairs (see records.parse_preference_record)
+A dataset prepared in a tfds data_dir by any other means opens by its name (`tfds.builder` reads it
+from its files). Building is automatic on first use, takes seconds and is guarded by a file lock, so
+processes that start together build once and then read the same files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import functools
+import json
+import os
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from llama2_jax.data import records
+from llama2_jax.data.records import DataError, LineReport
+
+BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "shakespeare"
+DEFAULT_DATA_DIR = Path("~/.cache/llama2_jax/tensorflow_datasets").expanduser()
+FORMATS = ("text", "jsonl", "chat", "preferences")
+_BUILDER_OF_FORMAT = {"text": "local_text", "jsonl": "local_text", "chat": "local_chat",
+                      "preferences": "local_preferences"}
+
+
+@dataclasses.dataclass
+class LocalConfig(tfds.core.BuilderConfig):
+    """Where a local dataset comes from and how it is cut; stored in the dataset's metadata."""
+
+    paths: tuple[str, ...] = ()
+    format: str = "text"  # one of FORMATS
+    text_field: str = "text"  # JSONL field holding the text ("jsonl" format)
+    document_chars: int = 0  # > 0: cut text files at blank lines into documents of about this size
+    holdout_fraction: float = 0.0  # share of documents moved to the `validation` split
+    skip_bad_lines: bool = False  # skip (and count) malformed lines and empty files instead of failing
+
+
+def _holdout(key: str, fraction: float) -> bool:
+    # A stable hash of the key, so the split never changes between builds or machines.
+    return fraction > 0 and zlib.crc32(key.encode()) % 100_000 < fraction * 100_000
+
+
+class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Shared split logic: examples of `_examples()` go to train or, by key hash, to validation."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "First version."}
+
+    def _metadata(self) -> tfds.core.MetadataDict:
+        return tfds.core.MetadataDict()
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager  # everything is local
+        self._report = LineReport()
+        examples = list(self._examples(self._report))
+        if self._report.total_skipped:
+            print(f"skipped {self._report.total_skipped} bad lines or empty files: {self._report.skipped}")
+        if not examples:
+            raise DataError(f"dataset {self.name}/{self.builder_config.name} has no examples: "
+                            f"the inputs {list(self.builder_config.paths)} hold no usable records")
+        self.info.metadata.update(self._build_metadata())
+        fraction = self.builder_config.holdout_fraction
+        splits = {"train": [example for example in examples if not _holdout(example[0], fraction)]}
+        if fraction > 0:
+            splits["validation"] = [example for example in examples if _holdout(example[0], fraction)]
+        for name, split_examples in splits.items():
+            if not split_examples:
+                raise DataError(f"the {name} split of {self.name} would be empty ({len(examples)} documents, "
+                                f"holdout_fraction {fraction}); add data or change data.holdout_fraction")
+        return {name: iter(split_examples) for name, split_examples in splits.items()}
+
+    def _generate_examples(self, examples: Iterator) -> Iterator:
+        yield from examples
+
+    def _build_metadata(self) -> dict[str, Any]:
+        config = self.builder_config
+        return {"paths": list(config.paths), "format": config.format, "text_field": config.text_field,
+                "skipped_lines": self._report.total_skipped}
+
+    def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
+        raise NotImplementedError
+
+
+class LocalText(_LocalBuilder):
+    """Text files (each a document, or cut at blank lines) or JSONL with a text field."""
+
+    BUILDER_CONFIGS = [LocalConfig(name="default")]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            metadata=self._metadata(), description="Local text documents.")
+
+    def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
+        config = self.builder_config
+        if config.format == "jsonl":
+            parse = functools.partial(records.parse_text_record, text_field=config.text_field)
+            yield from records.parse_records(config.paths, parse, skip_bad_lines=config.skip_bad_lines,
+                                             report=report)
+        else:
+            for key, text in records.text_documents(config.paths, document_chars=config.document_chars,
+                                                    skip_bad_lines=config.skip_bad_lines, report=report):
+                yield key, {"text": text}
+
+
+_MESSAGES = tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})
+
+
+class LocalChat(_LocalBuilder):
+    """JSONL dialogs, one per line."""
+
+    BUILDER_CONFIGS = [LocalConfig(name="default", format="chat")]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({"messages": _MESSAGES}),
+            metadata=self._metadata(), description="Local chat dialogs.")
+
+    def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
+        yield from records.parse_records(self.builder_config.paths, records.parse_chat_record,
+                                         skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
+
+
+class LocalPreferences(_LocalBuilder):
+    """JSONL preference pairs with the paper's rating levels and safety labels."""
+
+    BUILDER_CONFIGS = [LocalConfig(name="default", format="preferences")]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "prompt": _MESSAGES,
+                "chosen": tfds.features.Text(),
+                "rejected": tfds.features.Text(),
+                "rating": tfds.features.Scalar(np.int32, doc=f"index into {records.RATING_LEVELS}, -1 unrated"),
+                "chosen_safe": tfds.features.Scalar(np.int32, doc="1 safe, 0 unsafe, -1 unknown"),
+                "rejected_safe": tfds.features.Scalar(np.int32, doc="1 safe, 0 unsafe, -1 unknown"),
+            }),
+            metadata=self._metadata(), description="Local preference pairs.")
+
+    def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
+        yield from records.parse_records(self.builder_config.paths, records.parse_preference_record,
+                                         skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
+
+
+class Shakespeare(LocalText):
+    """The bundled corpus: 42 plays and poems cut at blank lines into ~16k-character documents
+    (335 of them, so shuffling mixes plays), 5 % held out as `validation`."""
+
+    BUILDER_CONFIGS = [LocalConfig(name="documents", paths=(str(BUNDLED_CORPUS),), document_chars=16_000,
+                                   holdout_fraction=0.05)]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({"text": tfds.features.Text()}),
+            metadata=self._metadata(), homepage="https://www.gutenberg.org/",
+            description="Shakespeare's plays and poems (Project Gutenberg, public domain).")
+
+    def _build_metadata(self) -> dict[str, Any]:
+        return {"skipped_lines": 0}  # the corpus path is machine specific; nothing to compare
+
+
+@contextlib.contextmanager
+def build_lock(data_dir: Path) -> Iterator[None]:
+    """Exclusive file lock in `data_dir`, so that processes starting together build a dataset once."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / ".llama2_jax_build.lock", "w") as lock_file:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def build_local_dataset(name: str, paths: Sequence[str | os.PathLike], *, format: str = "text",
+                        data_dir: str | os.PathLike | None = None, text_field: str = "text",
+                        document_chars: int = 0, holdout_fraction: float = 0.0,
+                        skip_bad_lines: bool = False) -> tfds.core.DatasetBuilder:
+    """Builds (once) local files into the tfds dataset `<builder>/<name>` and returns its builder.
+
+    A dataset of that name built from other paths or options is an error, not a silent reuse.
+    """
+    if format not in FORMATS:
+        raise DataError(f"unknown data.format {format!r}; choose one of {', '.join(FORMATS)}")
+    absolute_paths = tuple(str(Path(path).expanduser().resolve()) for path in paths)
+    records.input_files(absolute_paths)  # fail early, before any lock, on missing inputs
+    config = LocalConfig(name=name, paths=absolute_paths, format=format, text_field=text_field,
+                         document_chars=document_chars, holdout_fraction=holdout_fraction,
+                         skip_bad_lines=skip_bad_lines)
+    builder_class = {"local_text": LocalText, "local_chat": LocalChat,
+                     "local_preferences": LocalPreferences}[_BUILDER_OF_FORMAT[format]]
+    builder = _prepare(builder_class, config, data_dir)
+    stored = dict(builder.info.metadata or {})
+    if stored.get("paths") != list(absolute_paths) or stored.get("format") != format:
+        raise DataError(f"dataset {builder.name}/{name} in {builder.data_dir} was built from "
+                        f"{stored.get('paths')} ({stored.get('format')}); choose another data.dataset name "
+                        "or delete that directory to rebuild it")
+    return builder
+
+
+def bundled_dataset(data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+    """The Shakespeare dataset, built on first use."""
+    return _prepare(Shakespeare, None, data_dir)
+
+
+def _prepare(builder_class: type, config: LocalConfig | None,
+             data_dir: str | os.PathLike | None) -> tfds.core.DatasetBuilder:
+    data_dir = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
+    builder = builder_class(config=config, data_dir=str(data_dir), file_format="array_record")
+    if not builder.is_prepared():
+        with build_lock(data_dir):
+            builder = builder_class(config=config, data_dir=str(data_dir), file_format="array_record")
+            if not builder.is_prepared():  # another process may have built it while we waited
+                tfds.display_progress_bar(False)
+                builder.download_and_prepare()
+    return builder
+
+
+def prepared_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+    """The builder of dataset `name` ("shakespeare", "local_text/mycorpus", "some_tfds_name/config:1.0.0")
+    already prepared in `data_dir` (the bundled corpus is built if needed)."""
+    if name == "shakespeare":
+        return bundled_dataset(data_dir)
+    data_dir = str(Path(data_dir or DEFAULT_DATA_DIR).expanduser())
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    except Exception as error:  # tfds raises several types for an unknown or unprepared name
+        raise DataError(f"dataset {name!r} is not prepared in {data_dir} ({error}); build it with "
+                        "`python -m llama2_jax data build` or `tfds build`, or set data.data_dir") from error
+    if not builder.is_prepared():
+        raise DataError(f"dataset {name!r} is not prepared in {data_dir}; build it with "
+                        "`python -m llama2_jax data build` (local files) or `tfds build --file_format=array_record`")
+    return builder
+
+
+def data_source(builder: tfds.core.DatasetBuilder, split: str):
+    """Random-access source of the examples of `split`, refusing a missing or empty split."""
+    splits = builder.info.splits
+    if split not in splits:
+        raise DataError(f"dataset {builder.name} has no split {split!r} (it has {', '.join(splits)}); "
+                        "set data.train_split / data.eval_split")
+    if splits[split].num_examples == 0:
+        raise DataError(f"split {split!r} of dataset {builder.name} is empty")
+    return builder.as_data_source(split=split)
+
+
+def describe(builder: tfds.core.DatasetBuilder) -> str:
+    """A short human-readable summary: name, location, splits and sizes, metadata."""
+    lines = [f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''} "
+             f"at {builder.data_dir}"]
+    lines += [f"  {name}: {info.num_examples} examples, {info.num_bytes}"
+              for name, info in builder.info.splits.items()]
+    if builder.info.metadata:
+        lines.append(f"  metadata: {json.dumps(dict(builder.info.metadata))}")
+    return "\n".join(lines)
