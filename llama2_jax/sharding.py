@@ -130,8 +130,9 @@ def generation_rules(rules=DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
     def without_fsdp(mesh_axes):
         if mesh_axes is None:
             return None
-        kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes) if a != "fsdp")
-        return kept or None
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        kept = tuple(name for name in names if name != "fsdp")
+        return kept[0] if len(kept) == 1 else (kept or None)
 
     activation_names = {axes.BATCH, axes.LENGTH, axes.ACT_EMBED, axes.ACT_HEADS,
                         axes.ACT_KV_HEADS, axes.ACT_MLP, axes.ACT_VOCAB}
@@ -232,7 +233,7 @@ def model_from_arrays(
             )
         value = np.asarray(value).astype(abstract.dtype, copy=False)
         array = jax.make_array_from_callback(
-            value.shape, shardings[path][...], lambda index, value=value: value[index]
+            value.shape, shardings[path].get_value(), lambda index, value=value: value[index]
         )
         placed.append((path, abstract.replace(array)))
         del value, source
