@@ -182,3 +182,20 @@ def test_reward_head_reads_the_last_non_padding_token():
     np.testing.assert_allclose(scores[1], hidden[1, 4] @ kernel, rtol=1e-5)
     # Same sequence, padded on either side: same score.
     np.testing.assert_allclose(scores[0], scores[1], rtol=1e-4)
+
+
+def test_splash_kernel_matches_reference_on_a_sharded_mesh():
+    """The TPU kernel, run by the Pallas interpreter, inside shard_map on a (2, 2, 2) mesh."""
+    from llama2_jax import sharding
+    from llama2_jax.model.attention import splash_attention
+
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.normal(size=(4, 128, 4, 128)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(4, 128, 2, 128)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(4, 128, 2, 128)), jnp.float32)
+    segment_ids = jnp.asarray(np.repeat([[1] * 50 + [2] * 78], 4, axis=0), jnp.int32)
+    expected = xla_attention(q, k, v, segment_ids, segment_ids)
+    mesh = sharding.make_mesh(sharding.MeshConfig(2, 2, 2, 1, 1, 1))
+    with sharding.logical_context(mesh):
+        out = jax.jit(lambda *a: splash_attention(*a, interpret=True))(q, k, v, segment_ids)
+    np.testing.assert_allclose(out, expected, atol=2e-5)

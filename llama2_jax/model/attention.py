@@ -65,11 +65,12 @@ def cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="cudnn")
 
 
-def splash_attention(q, k, v, segment_ids):
+def splash_attention(q, k, v, segment_ids, *, interpret: bool = False):
     """Pallas splash attention on TPU, run per device shard inside `shard_map`.
 
     The kernel sees whole sequences and whole heads of its shard, so the batch may be sharded
-    over (data, fsdp) and the heads over tensor, but never the sequence.
+    over (data, fsdp) and the heads over tensor, but never the sequence. `interpret` runs the
+    same kernel in the Pallas interpreter, on any platform (tests).
     """
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
@@ -79,13 +80,20 @@ def splash_attention(q, k, v, segment_ids):
 
     def local_attention(q, k, v, segment_ids):
         _, length, heads, head_dim = q.shape
+        block = min(512, length)
+        block_sizes = splash.BlockSizes(
+            block_q=block, block_kv=block, block_kv_compute=block,
+            block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+            block_q_dq=block, block_kv_dq=block,
+        )
         causal = masks.MultiHeadMask([masks.CausalMask((length, length))] * heads)
-        kernel = splash.make_splash_mha(causal, head_shards=1, q_seq_shards=1)
+        kernel = splash.make_splash_mha(
+            causal, block_sizes=block_sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
         # The kernel wants [heads, length, head_dim] per example and does not scale the scores.
         q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q * head_dim**-0.5, k, v))
         ids = splash.SegmentIds(q=segment_ids, kv=segment_ids)
-        out = jax.vmap(kernel)(q, k, v, ids)
-        return jnp.swapaxes(out, 1, 2)
+        return jnp.swapaxes(jax.vmap(kernel)(q, k, v, ids), 1, 2)
 
     mesh = jax.sharding.get_abstract_mesh()
     rules = spmd.get_logical_axis_rules()
