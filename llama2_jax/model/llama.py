@@ -56,7 +56,7 @@ class Attention(nnx.Module):
         )
         self.config = config
 
-    def __call__(self, x, positions, segment_ids, kv_cache=None, cache_segment_ids=None, cache_index=0):
+    def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
         cfg = self.config
         cast = lambda w: w[...].astype(cfg.compute_dtype)  # noqa: E731
         q = jnp.einsum("btd,dhk->bthk", x, cast(self.wq))
@@ -68,21 +68,18 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
 
-        if kv_cache is None:
-            keys, values, kv_segment_ids = k, v, segment_ids
+        if cache is None:
+            keys, values, kv_segment_ids, q_offset = k, v, segment_ids, 0
         else:
-            cached_k, cached_v = kv_cache
-            slot = (0, cache_index, 0, 0)
-            keys = jax.lax.dynamic_update_slice(cached_k, k.astype(cached_k.dtype), slot)
-            values = jax.lax.dynamic_update_slice(cached_v, v.astype(cached_v.dtype), slot)
-            kv_cache = (keys, values)
-            kv_segment_ids = cache_segment_ids
+            cache = cache.write(k, v)
+            keys, values = cache.layer_keys_values()
+            kv_segment_ids, q_offset = cache.segment_ids, cache.index
 
         out = dot_product_attention(
             q, keys.astype(q.dtype), values.astype(q.dtype), segment_ids, kv_segment_ids,
-            implementation=cfg.attention, q_offset=cache_index,
+            implementation=cfg.attention, q_offset=q_offset,
         )
-        return jnp.einsum("bthk,hkd->btd", out, cast(self.wo)), kv_cache
+        return jnp.einsum("bthk,hkd->btd", out, cast(self.wo)), cache
 
 
 class FeedForward(nnx.Module):
@@ -112,13 +109,11 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, config)
         self.feed_forward = FeedForward(config, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, kv_cache=None, cache_segment_ids=None, cache_index=0):
-        attended, kv_cache = self.attention(
-            self.attention_norm(x), positions, segment_ids, kv_cache, cache_segment_ids, cache_index
-        )
+    def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
+        attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
         h = x + attended
         out = h + self.feed_forward(self.ffn_norm(h))
-        return axes.constrain(out, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)), kv_cache
+        return axes.constrain(out, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)), cache
 
 
 @struct.dataclass
@@ -137,6 +132,33 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.keys.shape[2]
+
+
+@struct.dataclass
+class LayerCache:
+    """The whole stacked cache as one layer sees it while the layers are scanned.
+
+    The stacked arrays travel through the scan as its carry and each layer writes its new keys
+    and values in place; scanning per-layer cache slices in and out instead would copy the whole
+    cache several times per decoded token.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+    layer: jax.Array
+
+    def write(self, k: jax.Array, v: jax.Array) -> "LayerCache":
+        slot = (self.layer, 0, self.index, 0, 0)
+        return self.replace(
+            keys=jax.lax.dynamic_update_slice(self.keys, k.astype(self.keys.dtype)[None], slot),
+            values=jax.lax.dynamic_update_slice(self.values, v.astype(self.values.dtype)[None], slot),
+        )
+
+    def layer_keys_values(self) -> tuple[jax.Array, jax.Array]:
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, axis=0, keepdims=False)  # noqa: E731
+        return take(self.keys), take(self.values)
 
 
 class Transformer(nnx.Module):
@@ -180,21 +202,30 @@ class Transformer(nnx.Module):
         return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
     def _run_layers(self, x, positions, segment_ids, cache: KVCache | None = None):
+        """Scans the stacked blocks; with a cache, returns it with this call's keys and values."""
         graphdef, layer_state = nnx.split(self.layers)
 
-        def one_block(h, layer):
-            state, kv_cache = layer
-            block = nnx.merge(graphdef, state)
-            cache_segment_ids = None if cache is None else cache.segment_ids
-            cache_index = 0 if cache is None else cache.index
-            return block(h, positions, segment_ids, kv_cache, cache_segment_ids, cache_index)
+        def one_block(carry, layer):
+            h, stacked_cache = carry
+            state, layer_index = layer
+            layer_cache = None
+            if stacked_cache is not None:
+                layer_cache = LayerCache(*stacked_cache, cache.segment_ids, cache.index, layer_index)
+            h, layer_cache = nnx.merge(graphdef, state)(h, positions, segment_ids, layer_cache)
+            if layer_cache is not None:
+                stacked_cache = (layer_cache.keys, layer_cache.values)
+            return (h, stacked_cache), None
 
         if self.config.remat != "none":
             one_block = jax.checkpoint(
                 one_block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False
             )
-        kv_caches = None if cache is None else (cache.keys, cache.values)
-        return jax.lax.scan(one_block, x, (layer_state, kv_caches))
+        stacked = None if cache is None else (cache.keys, cache.values)
+        layer_indices = jnp.arange(self.config.n_layers)
+        (x, stacked), _ = jax.lax.scan(one_block, (x, stacked), (layer_state, layer_indices))
+        if cache is not None:
+            cache = cache.replace(keys=stacked[0], values=stacked[1])
+        return x, cache
 
 
 class Llama(Transformer):
@@ -259,9 +290,8 @@ class Llama(Transformer):
             segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
         )
         x = self._embed(tokens)
-        x, (keys, values) = self._run_layers(x, positions, segment_ids, cache)
-        logits = self.logits(self.norm(x))
-        return logits, cache.replace(keys=keys, values=values, index=cache.index + length)
+        x, cache = self._run_layers(x, positions, segment_ids, cache)
+        return self.logits(self.norm(x)), cache.replace(index=cache.index + length)
 
 
 class LlamaRewardModel(Transformer):
