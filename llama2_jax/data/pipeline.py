@@ -255,7 +255,7 @@ def make_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
         raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} "
-                         "processes; change train.batch_size")
+                         "processes; change train.global_batch_size")
     local_batch_size = global_batch_size // process_count
     seed = data_config.seed if data_config.seed >= 0 else seed
     dataset, documents = local_batches(
@@ -267,7 +267,7 @@ def make_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *
         batch_shards = math.prod(mesh.shape[axis] for axis in BATCH_MESH_AXES)
         if global_batch_size % batch_shards:
             raise ValueError(f"global batch size {global_batch_size} is not divisible by data x fsdp = "
-                             f"{batch_shards}; change train.batch_size or the mesh")
+                             f"{batch_shards}; change train.global_batch_size or the mesh")
     return Batches(dataset, documents_per_epoch=documents, seq_len=seq_len,
                    global_batch_size=global_batch_size, local_batch_size=local_batch_size,
                    sharding=sharding, finite=num_epochs is not None)

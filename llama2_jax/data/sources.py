@@ -11,6 +11,8 @@ processes that start together build once and then read the same files.
 
 from __future__ import annotations
 
+import abc
+
 import contextlib
 import dataclasses
 import fcntl
@@ -89,8 +91,9 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {"paths": list(config.paths), "format": config.format, "text_field": config.text_field,
                 "skipped_lines": self._report.total_skipped}
 
+    @abc.abstractmethod
     def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
-        raise NotImplementedError
+        """(key, example) pairs of this builder's format, bad lines counted in `report`."""
 
 
 class LocalText(_LocalBuilder):
