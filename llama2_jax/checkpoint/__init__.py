@@ -1,0 +1,29 @@
+"""Checkpoints: training checkpoints (manager.py) and Meta / Hugging Face / orbax weights in and out.
+
+    load_pretrained(path, dtype=None, mesh=None)          any of the three formats -> Llama on a mesh
+    export_model(model, path, "meta" | "hf" | "orbax")    a live model -> files
+    convert.convert(src, "hf", dst, "meta")               file to file, streamed tensor by tensor
+    read_checkpoint(path) / detect_format(path)           config + lazy per-layer tensors
+
+Reading PyTorch `.pth` and `.safetensors` files needs neither PyTorch nor the safetensors package
+(torch_pickle.py, safetensors.py). Names resolve on first use so importing the package stays light.
+"""
+
+import importlib
+
+_PUBLIC = {
+    "load_pretrained": "llama2_jax.checkpoint.load",
+    "read_checkpoint": "llama2_jax.checkpoint.load",
+    "detect_format": "llama2_jax.checkpoint.load",
+    "export_model": "llama2_jax.checkpoint.convert",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'llama2_jax.checkpoint' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value

@@ -1,0 +1,192 @@
+"""Our own checkpoints: orbax trees of the model's params plus the config that shaped them.
+
+Two layouts are read. The one `convert --to orbax` writes:
+
+    model_config.json   LlamaConfig.to_dict()
+    state/              orbax tree {"params": the `nnx.state(model, nnx.Param)` pure dict}, e.g.
+                        params["layers"]["attention"]["wq"] is [L, dim, heads, head_dim]
+
+and a training workdir (checkpoint/manager.py): the same `model_config.json` beside
+`checkpoints/<step>/state/`, whose tree holds "params" next to the optimizer state; the newest step
+is read. Either way only "params" is restored, each array straight into its shards on the mesh.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from llama2_jax.checkpoint import layout
+from llama2_jax.checkpoint.lazy import LazyArray
+from llama2_jax.checkpoint.manager import STATE_ITEM, checkpoint_dir
+from llama2_jax.model.config import LlamaConfig
+
+CONFIG_FILE = "model_config.json"
+STATE_DIR = "state"
+PARAMS_KEY = "params"
+
+
+def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and (
+        os.path.isdir(os.path.join(path, STATE_DIR))
+        or os.path.isdir(checkpoint_dir(os.fspath(path)))
+    )
+
+
+def read_config(path: str | os.PathLike, **overrides: Any) -> LlamaConfig:
+    with open(os.path.join(path, CONFIG_FILE)) as file:
+        return LlamaConfig.from_dict({**json.load(file), **overrides})
+
+
+def state_path(path: str | os.PathLike) -> str:
+    """The orbax directory holding the params: ours directly, or a train workdir's newest step.
+
+    orbax writes a step under a temporary name and renames it to the bare step number once every
+    item is complete, so numbered directories are exactly the finished steps.
+    """
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, STATE_DIR)):
+        return os.path.join(path, STATE_DIR)
+    steps_dir = checkpoint_dir(path)
+    steps = [int(name) for name in os.listdir(steps_dir) if name.isdigit()]
+    steps = [
+        step for step in steps if os.path.isdir(os.path.join(steps_dir, str(step), STATE_ITEM))
+    ]
+    if not steps:
+        raise FileNotFoundError(
+            f"training workdir {path} has no finished checkpoint in {steps_dir}"
+        )
+    return os.path.join(steps_dir, str(max(steps)), STATE_ITEM)
+
+
+def nest(flat: Mapping[str, Any]) -> dict:
+    """{"layers.attention.wq": x} -> {"layers": {"attention": {"wq": x}}}."""
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def stacked_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    shapes = layout.our_shapes(config)
+    return {
+        **{name: shapes[name] for name in layout.GLOBAL_PARAMS},
+        **{f"layers.{name}": (config.n_layers, *shapes[name]) for name in layout.LAYER_PARAMS},
+    }
+
+
+def check_tree(config: LlamaConfig, params_path: str, found: Mapping[str, tuple[int, ...]]) -> None:
+    """One clear error if the saved tree is not this config's model."""
+    expected = stacked_shapes(config)
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        raise ValueError(f"{params_path}: parameters {missing} are missing")
+    for key, shape in expected.items():
+        if tuple(found[key]) != shape:
+            raise ValueError(
+                f"{params_path}: parameter {key} has shape {tuple(found[key])} but the config needs {shape}"
+            )
+
+
+def saved_shapes(path: str) -> dict[str, tuple[int, ...]]:
+    metadata = ocp.PyTreeCheckpointer().metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    if PARAMS_KEY not in tree:
+        raise ValueError(f"{path}: no {PARAMS_KEY!r} in the checkpoint (found {sorted(tree)})")
+    return {key: tuple(meta.shape) for key, meta in flatten(tree[PARAMS_KEY]).items()}
+
+
+def _restore_params(path: str, restore_args: dict, item: dict | None = None) -> dict:
+    restored = ocp.PyTreeCheckpointer().restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            item={PARAMS_KEY: item or restore_args},
+            restore_args={PARAMS_KEY: restore_args},
+            partial_restore=True,
+        ),
+    )
+    return flatten(restored[PARAMS_KEY])
+
+
+def restore_numpy(path: str, config: LlamaConfig) -> dict[str, np.ndarray]:
+    """Every parameter as a host numpy array (dotted stacked names), shapes checked against the config."""
+    shapes = saved_shapes(path)
+    check_tree(config, path, shapes)
+    return _restore_params(
+        path,
+        nest({key: ocp.RestoreArgs(restore_type=np.ndarray) for key in stacked_shapes(config)}),
+    )
+
+
+def restore_sharded(
+    path: str, config: LlamaConfig, shardings: Mapping[str, jax.sharding.Sharding], dtype
+) -> dict[str, jax.Array]:
+    """Every parameter restored directly into its shards on the mesh, cast to `dtype`."""
+    shapes = saved_shapes(path)
+    check_tree(config, path, shapes)
+    restore_args = nest(
+        {key: ocp.ArrayRestoreArgs(sharding=shardings[key], dtype=dtype) for key in shapes}
+    )
+    item = nest(
+        {
+            key: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[key])
+            for key, shape in stacked_shapes(config).items()
+        }
+    )
+    return _restore_params(path, restore_args, item)
+
+
+def read_orbax_params(
+    path: str | os.PathLike, **config_overrides: Any
+) -> tuple[LlamaConfig, dict[str, LazyArray]]:
+    """Config and per-layer tensors (views into the restored host arrays)."""
+    config = read_config(path, **config_overrides)
+    arrays = restore_numpy(state_path(path), config)
+    return config, layout.unstack_layers(config, arrays)
+
+
+def save_params(path: str | os.PathLike, config: LlamaConfig, arrays: Mapping[str, Any]) -> None:
+    """Save params (dotted stacked names -> numpy or jax arrays) and their config in our layout."""
+    path = os.path.abspath(path)
+    os.makedirs(path, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(path, STATE_DIR), {PARAMS_KEY: nest(dict(arrays))})
+    checkpointer.wait_until_finished()
+    with open(os.path.join(path, CONFIG_FILE), "w") as file:
+        json.dump(config.to_dict(), file, indent=2)
+
+
+def write_orbax_params(
+    path: str | os.PathLike, config: LlamaConfig, tensors: Mapping[str, LazyArray]
+) -> None:
+    """Stack per-layer tensors into our tree (one parameter at a time) and save it with orbax.
+
+    Each stacked array moves into a host-CPU jax.Array as soon as it is built: orbax saves jax
+    arrays without copying them again, whereas it would copy numpy ones, doubling the peak.
+    """
+    host = jax.devices("cpu")[0]
+    arrays = {}
+    for key, lazy in layout.stack_layers(config, tensors).items():
+        arrays[key] = jax.device_put(lazy.load(), host)
+    param_dtype = str(np.dtype(arrays["embedder.embedding"].dtype))
+    save_params(path, config.replace(param_dtype=param_dtype), arrays)
