@@ -1,0 +1,165 @@
+"""Training throughput accounting (FLOPs, MFU), metric writers and a terminal progress line.
+
+FLOPs per token follow DESIGN.md: `6 × (matmul parameters, output head included, input embedding
+excluded) + 6 × layers × seq_len × dim`, the second term being causal attention's score and value
+matmuls, forward and backward. MFU divides the achieved FLOP rate by the chip's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import jax
+
+# Dense bf16 peak per chip, FLOP/s, matched against `jax.Device.device_kind`.
+PEAK_FLOPS_BY_DEVICE_KIND = (
+    ("H100", 989.4e12),
+    ("H200", 989.4e12),
+    ("A100", 312e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v4", 275e12),
+)
+
+
+def matmul_parameter_count(model_config: Any) -> int:
+    """Parameters that take part in a matmul per token: every layer's attention and MLP weights
+    and the output head; the input embedding is a lookup and norms are elementwise."""
+    dim, head_dim = model_config.dim, model_config.head_dim
+    attention = dim * head_dim * (2 * model_config.n_heads + 2 * model_config.n_kv_heads)
+    mlp = 3 * dim * model_config.ffn_dim
+    return model_config.n_layers * (attention + mlp) + dim * model_config.vocab_size
+
+
+def flops_per_token(model_config: Any, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+    attention = 6 * model_config.n_layers * seq_len * model_config.dim
+    return 6.0 * matmul_parameter_count(model_config) + attention
+
+
+def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.0) -> float | None:
+    """The device's dense bf16 peak in FLOP/s; `override` (> 0) wins; None when unknown (CPU)."""
+    if override > 0:
+        return override
+    kind = (device or jax.devices()[0]).device_kind
+    for prefix, peak in PEAK_FLOPS_BY_DEVICE_KIND:
+        if prefix.lower() in kind.lower():
+            return peak
+    return None
+
+
+def device_memory_gib() -> dict[str, float]:
+    """Current and peak bytes in use on the first local device, in GiB (empty on CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    gib = float(2**30)
+    found = {}
+    if "bytes_in_use" in stats:
+        found["memory_gib"] = stats["bytes_in_use"] / gib
+    if "peak_bytes_in_use" in stats:
+        found["peak_memory_gib"] = stats["peak_bytes_in_use"] / gib
+    return found
+
+
+def throughput(
+    tokens: float, seconds: float, flops_per_token_value: float, peak_flops: float | None
+) -> dict[str, float]:
+    """tokens/s (all devices), TFLOP/s per device and MFU for `tokens` processed in `seconds`."""
+    tokens_per_s = tokens / seconds
+    flops_per_device = tokens_per_s * flops_per_token_value / jax.device_count()
+    rates = {"tokens_per_s": tokens_per_s, "tflops_per_device": flops_per_device / 1e12}
+    if peak_flops:
+        rates["mfu"] = flops_per_device / peak_flops
+    return rates
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to `workdir/metrics.jsonl` and writes the same
+    scalars as TensorBoard events under `workdir/tensorboard`. Only process 0 writes."""
+
+    def __init__(self, workdir: str, *, resume_after_step: int | None = None):
+        self._enabled = jax.process_index() == 0
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        if not self._enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        # Lines beyond the restored checkpoint belong to steps that will be run again.
+        _drop_steps_after(self.jsonl_path, resume_after_step or 0)
+        from tensorboardX import SummaryWriter
+
+        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._jsonl = open(self.jsonl_path, "a")
+
+    def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+        if not self._enabled:
+            return
+        values = {f"{prefix}{name}": float(value) for name, value in scalars.items()}
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        for name, value in values.items():
+            self._tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self._enabled:
+            self._jsonl.close()
+            self._tensorboard.close()
+
+
+def _drop_steps_after(path: str, last_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as lines:
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
+    with open(path, "w") as out:
+        out.writelines(kept)
+
+
+def read_metrics(workdir: str) -> list[dict[str, Any]]:
+    """Every logged record in `workdir/metrics.jsonl`, in order."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+class Progress:
+    """A one-line progress bar on a terminal, with log lines printed above it. Off a terminal there
+    is no bar and log lines are plain lines. Processes other than 0 print nothing."""
+
+    def __init__(self, total_steps: int, first_step: int, stream: TextIO = sys.stderr):
+        self._stream = stream
+        self._active = jax.process_index() == 0 and stream.isatty()
+        self._total, self._first = total_steps, first_step
+        self._start = time.perf_counter()
+        self._printing = jax.process_index() == 0
+
+    def log(self, line: str) -> None:
+        if not self._printing:
+            return
+        clear = "\r\033[K" if self._active else ""
+        self._stream.write(f"{clear}{line}\n")
+        self._stream.flush()
+
+    def update(self, step: int, loss: float | None = None) -> None:
+        if not self._active:
+            return
+        done = step - self._first
+        elapsed = time.perf_counter() - self._start
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        eta = (self._total - step) / rate if rate else 0.0
+        width = 30
+        filled = int(width * step / max(self._total, 1))
+        text = f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{self._total}"
+        if loss is not None:
+            text += f" loss {loss:.4f}"
+        text += f" {rate:.2f} steps/s eta {eta:.0f}s"
+        self._stream.write(text)
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._active:
+            self._stream.write("\n")
+            self._stream.flush()

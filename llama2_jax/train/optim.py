@@ -1,0 +1,96 @@
+"""The paper's optimizer: AdamW behind global-norm clipping, on a warmup + cosine schedule.
+
+Llama 2 pretraining (PAPER.md): AdamW β1 0.9, β2 0.95, eps 1e-5, weight decay 0.1, gradients clipped
+to global norm 1.0, the learning rate warmed up linearly from 0 for 2000 steps and then cosine-decayed
+to 10 % of its peak. SFT and the reward models reuse it with their own peak, warmup and length.
+
+Weight decay applies to every parameter except RMSNorm scales (and biases, which Llama has none of
+but a task head may): embeddings, attention, MLP and output matrices all decay. The decision is made
+by parameter name rather than rank, because the stacked-layer norm scales `[layers, dim]` are 2-D
+arrays that are vectors per layer.
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import optax
+
+# The paper's pretraining optimizer (PAPER.md), in the shape of the config's `optimizer` section.
+PAPER_OPTIMIZER = dict(
+    peak_lr=3e-4,  # 7B and 13B; 1.5e-4 for 34B and 70B
+    end_lr_fraction=0.1,  # cosine decays to this fraction of peak_lr
+    warmup_steps=2000,
+    decay_steps=0,  # length of warmup + cosine; 0: the run's length (train.steps)
+    b1=0.9,
+    b2=0.95,
+    eps=1e-5,
+    weight_decay=0.1,  # every parameter except norm scales
+    clip_norm=1.0,  # global gradient norm
+)
+
+# Leaf names of parameters that scale or shift activations elementwise; decaying them towards zero
+# would pull the model away from the identity normalisation rather than regularise it.
+NO_DECAY_NAMES = ("scale", "bias")
+
+
+def learning_rate_schedule(
+    peak_lr: float, warmup_steps: int, total_steps: int, end_lr_fraction: float = 0.1
+) -> optax.Schedule:
+    """Linear warmup from 0 to `peak_lr` over `warmup_steps`, then cosine decay to
+    `end_lr_fraction * peak_lr` at `total_steps`, constant after that.
+
+    The value at step s is the learning rate of the update that produces step s + 1.
+    """
+    if warmup_steps < 0 or total_steps <= 0:
+        raise ValueError(
+            f"need warmup_steps >= 0 and total_steps > 0, got {warmup_steps} and {total_steps}"
+        )
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=peak_lr,
+        warmup_steps=warmup_steps,
+        # optax needs a non-empty cosine part; a run shorter than its warmup just ends warm.
+        decay_steps=max(total_steps, warmup_steps + 1),
+        end_value=peak_lr * end_lr_fraction,
+    )
+
+
+def weight_decay_mask(params: Any) -> Any:
+    """A pytree of bools like `params`: True where weight decay applies (see module docstring)."""
+
+    def decays(path, _leaf) -> bool:
+        name = path[-1]
+        name = getattr(name, "key", getattr(name, "name", name))
+        return str(name) not in NO_DECAY_NAMES
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(
+    optimizer_config: Mapping[str, Any], total_steps: int
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with clipping and the warmup + cosine schedule, from the config's `optimizer` section.
+
+    Keys used: peak_lr, end_lr_fraction, warmup_steps, decay_steps (0: `total_steps`), b1, b2,
+    eps, weight_decay, clip_norm. Returns the optimizer and its schedule (the loop logs the
+    learning rate from it).
+    """
+    schedule = learning_rate_schedule(
+        optimizer_config["peak_lr"],
+        optimizer_config["warmup_steps"],
+        optimizer_config["decay_steps"] or total_steps,
+        optimizer_config["end_lr_fraction"],
+    )
+    optimizer = optax.chain(
+        optax.clip_by_global_norm(optimizer_config["clip_norm"]),
+        optax.adamw(
+            learning_rate=schedule,
+            b1=optimizer_config["b1"],
+            b2=optimizer_config["b2"],
+            eps=optimizer_config["eps"],
+            weight_decay=optimizer_config["weight_decay"],
+            mask=weight_decay_mask,
+        ),
+    )
+    return optimizer, schedule

@@ -1,0 +1,83 @@
+"""The train state: step, parameters and optimizer state as one pytree, laid out on the mesh.
+
+Parameters are the model's `nnx.Param` state as a plain nested dict (`{"layers": {"attention":
+{"wq": array}}}`), which is what orbax saves and what `nnx.merge(graphdef, params)` accepts; the
+graphdef (the model's structure) is static and lives beside the state, never inside it.
+Optimizer moments take their parameter's sharding, so FSDP shards them too.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama2_jax import sharding
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any  # nested dict of jax.Array, the model's nnx.Param values
+    opt_state: optax.OptState
+
+
+def param_dict(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
+    """The model's graphdef and its parameters as a nested dict (no other state is allowed: a
+    training model is its parameters)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, nnx.to_pure_dict(params)
+
+
+def _abstract_params(abstract_model_state: nnx.State) -> dict[str, Any]:
+    return jax.tree.map(
+        lambda variable: jax.ShapeDtypeStruct(variable.shape, variable.dtype),
+        nnx.to_pure_dict(abstract_model_state),
+    )
+
+
+def train_state_shardings(
+    abstract_model_state: nnx.State, optimizer: optax.GradientTransformation, mesh: Mesh, rules
+) -> TrainState:
+    """Where every leaf of the TrainState lives, from the parameters' logical axes."""
+    params = nnx.to_pure_dict(sharding.state_shardings(abstract_model_state, mesh, rules))
+    abstract_opt_state = jax.eval_shape(optimizer.init, _abstract_params(abstract_model_state))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = optax.tree_map_params(
+        optimizer,
+        lambda _, param_sharding: param_sharding,
+        abstract_opt_state,
+        params,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(step=replicated, params=params, opt_state=opt_state)
+
+
+def abstract_train_state(
+    abstract_model_state: nnx.State, optimizer: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+    """The TrainState as shapes with shardings: the restore target, nothing allocated."""
+    params = _abstract_params(abstract_model_state)
+    shapes = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=jax.eval_shape(optimizer.init, params),
+    )
+    return jax.tree.map(
+        lambda shape, where: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=where),
+        shapes,
+        shardings,
+    )
+
+
+def init_train_state(
+    params: dict[str, Any], optimizer: optax.GradientTransformation, shardings: TrainState
+) -> TrainState:
+    """Step 0 with the given (already sharded) parameters and fresh optimizer state."""
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.zeros((), jnp.int32), shardings.step)
+    return TrainState(step=step, params=params, opt_state=opt_state)
