@@ -17,6 +17,9 @@ COMMANDS = {
     "bench": ("llama2_jax.bench", "training and sampling throughput benchmarks"),
 }
 
+# Commands that run one process per host on a pod or cluster, and so join the job first.
+MULTI_PROCESS_COMMANDS = ("train", "generate", "bench")
+
 
 def _usage() -> str:
     width = max(map(len, COMMANDS))
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"unknown command {command!r}.\n\n{_usage()}", file=sys.stderr)
         return 2
+    if command in MULTI_PROCESS_COMMANDS:
+        from llama2_jax.distributed import initialize_from_environment
+
+        initialize_from_environment()
     module = importlib.import_module(COMMANDS[command][0])
     return module.main(rest) or 0
 

@@ -90,18 +90,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
 def print_sample(result: TrainResult, tokenizer: Tokenizer, prompt: str, length: int) -> None:
     """A short continuation of `prompt` from the trained model (temperature 0.8, top-p 0.9)."""
+    prompt_ids = tokenizer.encode(prompt, bos=True)
     generation = generate.generate(
         result.model(),
-        [tokenizer.encode(prompt, bos=True)],
+        [prompt_ids],
         max_new_tokens=length,
         eos_id=tokenizer.eos_id,
         sampling=generate.SamplingParams(temperature=0.8, top_p=0.9),
         mesh=result.mesh,
         rules=result.rules,
     )
-    text = tokenizer.decode(generation.token_lists()[0])
+    # Decoded together with the prompt: SentencePiece drops a continuation's leading space.
+    text = tokenizer.decode(prompt_ids + generation.token_lists()[0])
     if jax.process_index() == 0:
-        print(f"\n--- sample ---\n{prompt}{text}\n--------------")
+        print(f"\n--- sample ---\n{text}\n--------------")
 
 
 def main(argv: Sequence[str]) -> int:
