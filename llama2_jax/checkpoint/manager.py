@@ -80,6 +80,9 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
 
 
 def checkpoint_dir(workdir: str) -> str:
+    """The checkpoints' directory, absolute (orbax refuses relative paths); URLs stay as given."""
+    if "://" not in str(workdir):
+        workdir = os.path.abspath(workdir)
     return os.path.join(workdir, CHECKPOINTS_SUBDIR)
 
 
