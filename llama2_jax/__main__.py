@@ -15,6 +15,7 @@ COMMANDS = {
     "tokenizer": ("llama2_jax.data.tokenizer", "train or inspect a SentencePiece tokenizer"),
     "data": ("llama2_jax.data.prepare", "build and inspect datasets"),
     "bench": ("llama2_jax.bench", "training and sampling throughput benchmarks"),
+    "aot": ("llama2_jax.aot", "compile the training step for a TPU topology; print memory per chip"),
 }
 
 # Commands that run one process per host on a pod or cluster, and so join the job first.

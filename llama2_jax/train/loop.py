@@ -100,7 +100,7 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_batch_layout(train_config, grad_accum_steps: int, mesh: Mesh) -> None:
+def check_batch_layout(train_config, grad_accum_steps: int, mesh: Mesh) -> None:
     batch_shards = math.prod(mesh.shape[axis] for axis in ("data", "fsdp"))
     batch = train_config.global_batch_size
     if batch % grad_accum_steps or (batch // grad_accum_steps) % batch_shards:
@@ -118,7 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainR
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(tuple(rule) for rule in config.rules)
     grad_accum_steps = config.optimizer.grad_accum_steps
-    _check_batch_layout(train_config, grad_accum_steps, mesh)
+    check_batch_layout(train_config, grad_accum_steps, mesh)
 
     optimizer, schedule = optim.make_optimizer(config.optimizer, train_config.steps)
     graphdef, abstract_state = sharding.abstract_model(task.model_config, task.model_class)
