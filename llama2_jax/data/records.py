@@ -64,12 +64,9 @@ def text_documents(paths: Sequence[str | os.PathLike], *, document_chars: int = 
     `document_chars` characters at blank lines when that is > 0."""
     report = report if report is not None else LineReport()
     for file_index, path in enumerate(input_files(paths)):
-        text = _read_text(path)
-        if not text.strip():
-            if skip_bad_lines:
-                report.skip(path)
-                continue
-            raise DataError(f"{path}: file is empty; remove it from data.paths or set data.skip_bad_lines")
+        text = _read_non_empty_text(path, skip_bad_lines, report)
+        if text is None:
+            continue
         for piece_index, piece in enumerate(split_at_blank_lines(text, document_chars)):
             report.kept += 1
             yield f"{file_index:06d}-{piece_index:06d}", piece
@@ -94,12 +91,9 @@ def jsonl_records(paths: Sequence[str | os.PathLike], *, skip_bad_lines: bool = 
     """(file, line number, parsed object) for every non-blank line of the JSONL files."""
     report = report if report is not None else LineReport()
     for path in input_files(paths):
-        text = _read_text(path)
-        if not text.strip():
-            if skip_bad_lines:
-                report.skip(path)
-                continue
-            raise DataError(f"{path}: file is empty; remove it from data.paths or set data.skip_bad_lines")
+        text = _read_non_empty_text(path, skip_bad_lines, report)
+        if text is None:
+            continue
         for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
@@ -178,6 +172,17 @@ def parse_preference_record(record: dict[str, Any]) -> dict[str, Any]:
         "chosen_safe": _safety(record, "chosen_safe"),
         "rejected_safe": _safety(record, "rejected_safe"),
     }
+
+
+def _read_non_empty_text(path: Path, skip_bad_lines: bool, report: LineReport) -> str | None:
+    """The file's text; None for an empty file that is to be skipped (and counted)."""
+    text = _read_text(path)
+    if text.strip():
+        return text
+    if skip_bad_lines:
+        report.skip(path)
+        return None
+    raise DataError(f"{path}: file is empty; remove it from data.paths or set data.skip_bad_lines")
 
 
 def _read_text(path: Path) -> str:
