@@ -80,7 +80,7 @@ def compile_train_step(config: ml_collections.ConfigDict, devices: Sequence[jax.
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     rules = tuple(tuple(rule) for rule in config.rules)
     grad_accum_steps = config.optimizer.grad_accum_steps
-    check_batch_layout(config.train, grad_accum_steps, mesh)
+    check_batch_layout(config.train, grad_accum_steps, mesh, rules)
     sharding.check_platform(model_config, mesh)
 
     optimizer, schedule = optim.make_optimizer(config.optimizer, config.train.steps)

@@ -24,7 +24,6 @@ sample depends on its seed, prompt and position in the batch, not on the bucket 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -283,8 +282,7 @@ def _check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> list[li
 
 
 def _batch_shards(mesh: Mesh, rules) -> int:
-    spec = axes.logical_to_spec((axes.BATCH,), sharding.generation_rules(rules))[0] or ()
-    return math.prod(mesh.shape[name] for name in ((spec,) if isinstance(spec, str) else spec))
+    return sharding.batch_shard_count(mesh, sharding.generation_rules(rules))
 
 
 def _place(mesh: Mesh, rules, *arrays: np.ndarray) -> list[jax.Array]:

@@ -119,6 +119,12 @@ def batch_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
     return NamedSharding(mesh, axes.logical_to_spec((axes.BATCH,), rules))
 
 
+def batch_shard_count(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    """How many ways the batch axis is split: global batches must be a multiple of it."""
+    mesh_axes = axes.logical_to_spec((axes.BATCH,), rules)[0] or ()
+    return math.prod(mesh.shape[name] for name in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes))
+
+
 def generation_rules(rules=DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
     """Rules for sampling: parameters keep their tensor split but drop fsdp.
 

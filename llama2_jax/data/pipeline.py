@@ -12,7 +12,6 @@ prompt). Every token of every document lands in exactly one packed row; nothing 
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,14 +21,13 @@ import jax
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
+from llama2_jax import sharding as sharding_lib
 from llama2_jax.data import sources, tokenized
 from llama2_jax.data.records import DataError
 from llama2_jax.data.tokenizer import Tokenizer
 
-# The batch layout of sharding.batch_sharding(mesh): leading axis split over data and fsdp.
-BATCH_MESH_AXES = ("data", "fsdp")
 BATCH_FIELDS = ("inputs", "targets", "loss_weights", "positions", "segment_ids")
 TokenizeFn = Callable[[dict[str, Any]], dict[str, np.ndarray]]
 
@@ -242,7 +240,8 @@ def _next_document_index(state: Any) -> int:
 def make_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seq_len: int,
                  global_batch_size: int, mesh: Mesh | None, seed: int, split: str = "train",
                  num_epochs: int | None = None, tokenize_fn: TokenizeFn | None = None,
-                 process_index: int | None = None, process_count: int | None = None) -> Batches:
+                 process_index: int | None = None, process_count: int | None = None,
+                 rules=sharding_lib.DEFAULT_RULES) -> Batches:
     """Global batches {inputs, targets, loss_weights, positions, segment_ids}, each [B, T], for `split`.
 
     Each JAX process reads 1/process_count of the documents and makes global_batch_size/process_count
@@ -262,12 +261,13 @@ def make_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *
         data_config, tokenizer, seq_len=seq_len, local_batch_size=local_batch_size, seed=seed, split=split,
         num_epochs=num_epochs, process_index=process_index, process_count=process_count,
         tokenize_fn=tokenize_fn)
-    sharding = NamedSharding(mesh, PartitionSpec(BATCH_MESH_AXES)) if mesh is not None else None
+    sharding = sharding_lib.batch_sharding(mesh, rules) if mesh is not None else None
     if sharding is not None:
-        batch_shards = math.prod(mesh.shape[axis] for axis in BATCH_MESH_AXES)
+        batch_shards = sharding_lib.batch_shard_count(mesh, rules)
         if global_batch_size % batch_shards:
             raise ValueError(f"global batch size {global_batch_size} is not divisible by data x fsdp = "
-                             f"{batch_shards}; change train.global_batch_size or the mesh")
+                             f"{batch_shards} (the batch shards of mesh {dict(mesh.shape)}); change "
+                             "train.global_batch_size or the mesh")
     return Batches(dataset, documents_per_epoch=documents, seq_len=seq_len,
                    global_batch_size=global_batch_size, local_batch_size=local_batch_size,
                    sharding=sharding, finite=num_epochs is not None)

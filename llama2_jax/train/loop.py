@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import signal
 import threading
 import time
@@ -100,13 +99,14 @@ class _StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def check_batch_layout(train_config, grad_accum_steps: int, mesh: Mesh) -> None:
-    batch_shards = math.prod(mesh.shape[axis] for axis in ("data", "fsdp"))
+def check_batch_layout(train_config, grad_accum_steps: int, mesh: Mesh, rules) -> None:
+    batch_shards = sharding.batch_shard_count(mesh, rules)
     batch = train_config.global_batch_size
     if batch % grad_accum_steps or (batch // grad_accum_steps) % batch_shards:
         raise ValueError(
             f"train.global_batch_size {batch} must split into optimizer.grad_accum_steps "
-            f"{grad_accum_steps} micro-batches, each divisible by data x fsdp = {batch_shards}; "
+            f"{grad_accum_steps} micro-batches, each divisible by the {batch_shards} batch shards "
+            f"of mesh {dict(mesh.shape)}; "
             "change the batch size, the accumulation steps or the mesh"
         )
 
@@ -118,10 +118,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainR
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(tuple(rule) for rule in config.rules)
     grad_accum_steps = config.optimizer.grad_accum_steps
-    check_batch_layout(train_config, grad_accum_steps, mesh)
+    check_batch_layout(train_config, grad_accum_steps, mesh, rules)
 
     optimizer, schedule = optim.make_optimizer(config.optimizer, train_config.steps)
     graphdef, abstract_state = sharding.abstract_model(task.model_config, task.model_class)
+    sharding.check_platform(task.model_config, mesh)
     sharding.check_fits_mesh(abstract_state, mesh, rules)
     shardings = train_state_shardings(abstract_state, optimizer, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())

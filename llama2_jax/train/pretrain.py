@@ -48,7 +48,7 @@ def pretrain_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> Ta
         return make_batches(
             data, tokenizer, seq_len=train_config.seq_len,
             global_batch_size=train_config.global_batch_size, mesh=mesh, seed=train_config.seed,
-            split=split, num_epochs=num_epochs,
+            split=split, num_epochs=num_epochs, rules=tuple(tuple(rule) for rule in config.rules),
         )
 
     return Task(
