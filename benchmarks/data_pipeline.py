@@ -16,12 +16,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from llama2_jax.data.config import default_data_config  # noqa: E402
-from llama2_jax.data.pipeline import local_batches  # noqa: E402
+from llama2_jax.data.pipeline import local_batches, open_split  # noqa: E402
+from llama2_jax.data.text import DocumentChunks, next_token_spec  # noqa: E402
 from llama2_jax.data.tokenizer import Tokenizer  # noqa: E402
 
 
 def measure(data_config, tokenizer, *, seq_len: int, batch_size: int, batches: int) -> tuple[float, float]:
-    dataset, _ = local_batches(data_config, tokenizer, seq_len=seq_len, local_batch_size=batch_size, seed=0)
+    """Pretraining's batches, exactly as the `train` command makes them."""
+    source = open_split(data_config, "train", tokenizer, kind="text")
+    dataset, _ = local_batches(data_config, source, next_token_spec(seq_len), DocumentChunks(tokenizer, seq_len),
+                               local_batch_size=batch_size, seed=0)
     iterator = iter(dataset)
     next(iterator)  # warm up: opening files, starting threads
     positions = real = 0

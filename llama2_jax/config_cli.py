@@ -102,10 +102,8 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
         node[leaf] = _parse_value(text, node[leaf], key)
 
 
-def parse_config_flags(
-    argv: Sequence[str], flag: str = "config"
-) -> tuple[ml_collections.ConfigDict, list[str]]:
-    """Split `argv` into the config (file + overrides, locked) and the remaining arguments."""
+def _split_flags(argv: Sequence[str], flag: str) -> tuple[str | None, list[tuple[str, str]], list[str]]:
+    """(`--config` value, [(key, value) of `--config.key`], the other arguments)."""
     spec = None
     overrides: list[tuple[str, str]] = []
     rest: list[str] = []
@@ -127,10 +125,60 @@ def parse_config_flags(
                 overrides.append((name[len(f"--{flag}.") :], value))
         else:
             rest.append(arg)
-    if spec is None:
-        raise ConfigError(f"--{flag}=path/to/config.py[:arg] is required")
-    config = load_config_file(spec)
+    return spec, overrides, rest
+
+
+def parse_overrides(
+    config: ml_collections.ConfigDict, argv: Sequence[str], flag: str = "config"
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """Apply the `--config.a.b=v` flags among `argv` to `config`, lock it, return the other arguments."""
+    _, overrides, rest = _split_flags(argv, flag)
     for key, value in overrides:
         apply_override(config, key, value)
     config.lock()
     return config, rest
+
+
+def parse_config_flags(
+    argv: Sequence[str], flag: str = "config"
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """Split `argv` into the config (file + overrides, locked) and the remaining arguments."""
+    spec, _, _ = _split_flags(argv, flag)
+    if spec is None:
+        raise ConfigError(f"--{flag}=path/to/config.py[:arg] is required")
+    return parse_overrides(load_config_file(spec), argv, flag)
+
+
+def key_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """What each key of `config` means: the shared sections' docs and its stage's own."""
+    from llama2_jax.train.config import KEY_DOCS
+
+    stage = importlib.import_module(f"llama2_jax.stages.{config.stage}")
+    return {**KEY_DOCS, **stage.CONFIG_DOCS}
+
+
+def describe(config: ml_collections.ConfigDict) -> str:
+    """Every key with its value and its meaning, grouped by section."""
+    docs = key_docs(config)
+    lines = []
+    for key in flat_keys(config):
+        section, _, name = key.rpartition(".")
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        if section and (not lines or lines[-1][0] != section):
+            lines.append((section, None, None))
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        lines.append((section, f"{'  ' if section else ''}{name} = {shown}", docs.get(key, "")))
+    width = max(len(text) for _, text, _ in lines if text)
+    return "\n".join(f"{section}" if text is None else f"  {text:<{width}}  {doc}".rstrip()
+                     for section, text, doc in lines)
+
+
+def print_config_help(argv: Sequence[str]) -> None:
+    """With --config among `argv`, print that config's keys (overrides applied) after the help."""
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
+        print("\nadd --config=FILE.py:SIZE to --help to list that config's keys, values and meanings")
+        return
+    config, _ = parse_config_flags([arg for arg in argv if arg not in ("-h", "--help")])
+    print(f"\nconfig keys (override any with --config.SECTION.KEY=VALUE):\n{describe(config)}")

@@ -1,8 +1,9 @@
 """Training throughput accounting (FLOPs, MFU), metric writers and a terminal progress line.
 
-FLOPs per token follow DESIGN.md: `6 × (matmul parameters, output head included, input embedding
-excluded) + 6 × layers × seq_len × dim`, the second term being causal attention's score and value
-matmuls, forward and backward. MFU divides the achieved FLOP rate by the chip's dense bf16 peak.
+FLOPs per token: `6 × (matmul parameters, output head included, input embedding excluded)
++ 6 × layers × seq_len × dim`, the second term being causal attention's score and value matmuls,
+forward and backward (docs/recipe.md). MFU divides the achieved FLOP rate by the chip's dense bf16
+peak.
 """
 
 from __future__ import annotations
@@ -37,10 +38,11 @@ def matmul_parameter_count(model_config: Any) -> int:
     return model_config.n_layers * (attention + mlp) + dim * model_config.vocab_size
 
 
-def flops_per_token(model_config: Any, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token at sequence length `seq_len`."""
+def flops_per_token(model_config: Any, seq_len: int, matmul_parameters: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`; by default the
+    language model's matmul parameters (a reward model's head is one column, not the vocabulary)."""
     attention = 6 * model_config.n_layers * seq_len * model_config.dim
-    return 6.0 * matmul_parameter_count(model_config) + attention
+    return 6.0 * (matmul_parameters or matmul_parameter_count(model_config)) + attention
 
 
 def peak_flops_per_device(device: jax.Device | None = None, override: float = 0.0) -> float | None:
@@ -125,16 +127,54 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in lines if line.strip()]
 
 
-class Progress:
-    """A one-line progress bar on a terminal, with log lines printed above it. Off a terminal there
-    is no bar and log lines are plain lines. Processes other than 0 print nothing."""
+# Metrics shown on a log line, in this order; the rest go to metrics.jsonl and TensorBoard only.
+SHOWN = ("loss", "accuracy", "grad_norm", "learning_rate", "tokens_per_s", "tflops_per_device", "mfu",
+         "step_time_s", "peak_memory_gib", "weight")
 
-    def __init__(self, total_steps: int, first_step: int, stream: TextIO = sys.stderr):
-        self._stream = stream
-        self._active = jax.process_index() == 0 and stream.isatty()
-        self._total, self._first = total_steps, first_step
-        self._start = time.perf_counter()
+
+def format_line(prefix: str, values: Mapping[str, float], eta: float | None = None) -> str:
+    """`prefix: loss 2.31, ..., MFU 41.2 %, eta 3m05s`: the numbers a person reads while training."""
+    parts = []
+    for name in SHOWN:
+        if name not in values:
+            continue
+        if name == "mfu":
+            parts.append(f"MFU {100 * values[name]:.1f} %")
+        else:
+            parts.append(f"{name} {values[name]:.4g}")
+    if eta is not None:
+        parts.append(f"eta {format_duration(eta)}")
+    return f"{prefix}: " + ", ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+class Progress:
+    """A one-line progress bar with a rate and an ETA on a terminal, with log lines printed above
+    it; off a terminal there is no bar and log lines are plain lines. Only process 0 prints.
+    Every long loop uses it: training, evaluation, sampling, scoring, data building."""
+
+    def __init__(self, total: int, first: int = 0, *, unit: str = "step", stream: TextIO | None = None):
+        self._stream = stream or sys.stderr
         self._printing = jax.process_index() == 0
+        self._active = self._printing and self._stream.isatty()
+        self._total, self._unit = total, unit
+        self.restart_clock(first)
+
+    def restart_clock(self, done: int) -> None:
+        """Measure the rate from here (after a first step that compiled, say)."""
+        self._clock_start, self._clock_done = time.perf_counter(), done
+
+    def eta(self, done: int) -> float | None:
+        elapsed = time.perf_counter() - self._clock_start
+        if done <= self._clock_done or elapsed <= 0:
+            return None
+        return (self._total - done) * elapsed / (done - self._clock_done)
 
     def log(self, line: str) -> None:
         if not self._printing:
@@ -143,19 +183,17 @@ class Progress:
         self._stream.write(f"{clear}{line}\n")
         self._stream.flush()
 
-    def update(self, step: int, loss: float | None = None) -> None:
+    def update(self, done: int, loss: float | None = None) -> None:
         if not self._active:
             return
-        done = step - self._first
-        elapsed = time.perf_counter() - self._start
-        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
-        eta = (self._total - step) / rate if rate else 0.0
         width = 30
-        filled = int(width * step / max(self._total, 1))
-        text = f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{self._total}"
+        filled = int(width * done / max(self._total, 1))
+        text = f"\r[{'#' * filled}{'.' * (width - filled)}] {self._unit} {done}/{self._total}"
         if loss is not None:
             text += f" loss {loss:.4f}"
-        text += f" {rate:.2f} steps/s eta {eta:.0f}s"
+        eta = self.eta(done)
+        if eta is not None:
+            text += f" eta {format_duration(eta)}"
         self._stream.write(text)
         self._stream.flush()
 

@@ -6,9 +6,19 @@ grouped-query) it builds a Hugging Face `LlamaForCausalLM` with random float32 w
   hf/           save_pretrained, one model.safetensors
   hf_sharded/   save_pretrained with a small max_shard_size: several files + model.safetensors.index.json
   meta/         params.json + consolidated.00.pth (torch.save), q/k rows in Meta's adjacent-pair layout
-  meta_2shard/  the same weights split over two model-parallel ranks as PAPER.md describes
+  meta_2shard/  the same weights split over two model-parallel ranks as Meta splits them (docs/recipe.md)
   tokens.npy    [batch, length] int32 token ids
   logits.npy    [batch, length, vocab] float32 logits of LlamaForCausalLM on those tokens
+
+and a reward model, `reward/`: a grouped-query `LlamaForSequenceClassification` with one label, the
+layout Hugging Face reward models use, and:
+
+  hf/           save_pretrained (score.weight [1, dim], pad_token_id 0)
+  tokens.npy    [batch, length] int32 token ids, 0 (padding) on the right of some rows and on the
+                left of others
+  scores.npy    [batch] float32 scores of LlamaForSequenceClassification on those tokens, with the
+                attention mask `tokens != 0` and positions 0..length-1 across any padding (the
+                default of transformers and of our LlamaRewardModel alike)
 
 The Meta files are checked here against an independent re-implementation of Meta's reference forward
 pass (complex-number RoPE over adjacent pairs), so the fixtures pin down the RoPE layout conversion
@@ -34,6 +44,9 @@ CONFIGS = {
 }
 SHAPE = dict(vocab_size=128, dim=32, n_layers=2, multiple_of=32, norm_eps=1e-5, rope_theta=10000.0)
 BATCH, LENGTH = 2, 12
+PAD_ID = 0
+# Real tokens per reward row and where its padding goes: both of HF's cases and a full row.
+REWARD_ROWS = ((12, "none"), (7, "right"), (5, "left"), (9, "left"), (3, "right"))
 
 
 def ffn_dim(dim: int, multiple_of: int) -> int:
@@ -41,7 +54,9 @@ def ffn_dim(dim: int, multiple_of: int) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def hf_model(params: dict, seed: int) -> transformers.LlamaForCausalLM:
+def hf_model(
+    params: dict, seed: int, model_class=transformers.LlamaForCausalLM, **config_fields
+) -> transformers.PreTrainedModel:
     config = transformers.LlamaConfig(
         vocab_size=params["vocab_size"],
         hidden_size=params["dim"],
@@ -54,9 +69,10 @@ def hf_model(params: dict, seed: int) -> transformers.LlamaForCausalLM:
         max_position_embeddings=64,
         tie_word_embeddings=False,
         torch_dtype="float32",
+        **config_fields,
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).float().eval()
+    model = model_class(config).float().eval()
     with torch.no_grad():  # weights large enough that any layout mistake moves the logits visibly
         for name, parameter in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -194,6 +210,32 @@ def write_fixture(out: str, name: str, overrides: dict, seed: int) -> None:
     print(f"{name}: Meta reference vs transformers max |diff| {error:.2e}")
 
 
+def reward_tokens(vocab_size: int, generator: torch.Generator) -> torch.Tensor:
+    """REWARD_ROWS as token ids: real tokens drawn from 1..vocab-1, so only padding is PAD_ID."""
+    rows = []
+    for real, padding in REWARD_ROWS:
+        tokens = torch.randint(1, vocab_size, (real,), generator=generator)
+        pad = torch.full((LENGTH - real,), PAD_ID)
+        rows.append(torch.cat([pad, tokens] if padding == "left" else [tokens, pad]))
+    return torch.stack(rows)
+
+
+def write_reward_fixture(out: str, seed: int) -> None:
+    params = {**SHAPE, **CONFIGS["gqa"]}
+    directory = os.path.join(out, "reward")
+    shutil.rmtree(directory, ignore_errors=True)
+    model = hf_model(
+        params, seed, transformers.LlamaForSequenceClassification, num_labels=1, pad_token_id=PAD_ID
+    )
+    model.save_pretrained(os.path.join(directory, "hf"))
+    tokens = reward_tokens(params["vocab_size"], torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        scores = model(tokens, attention_mask=(tokens != PAD_ID).long()).logits[:, 0].float()
+    np.save(os.path.join(directory, "tokens.npy"), tokens.numpy().astype(np.int32))
+    np.save(os.path.join(directory, "scores.npy"), scores.numpy().astype(np.float32))
+    print(f"reward: scores {np.round(scores.numpy(), 3).tolist()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -204,6 +246,7 @@ def main() -> None:
     args = parser.parse_args()
     for seed, (name, overrides) in enumerate(CONFIGS.items()):
         write_fixture(args.out, name, overrides, seed)
+    write_reward_fixture(args.out, seed=len(CONFIGS))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ import jax
 import pytest
 
 from llama2_jax import sharding
-from llama2_jax import chat_cli, generate_cli
+from llama2_jax.commands import chat as chat_cli
+from llama2_jax.commands import generate as generate_cli
 from llama2_jax.checkpoint.orbax_params import save_params
 from llama2_jax.data.chat import encode_dialog
 from llama2_jax.data.tokenizer import BUNDLED_TOKENIZER, Tokenizer
@@ -129,7 +130,7 @@ def test_generate_writes_one_line_per_prompt_in_order(tmp_path, with_tokenizer):
 
 def test_a_checkpoint_without_tokenizer_is_a_clear_error(monkeypatch, capsys, checkpoint, tmp_path):
     code, captured = run_chat(monkeypatch, capsys, checkpoint, "hello\n")
-    assert code == 2 and "--tokenizer PATH" in captured.err
+    assert code == 1 and "--tokenizer PATH" in captured.err
     prompts = tmp_path / "p.txt"
     prompts.write_text("hello\n")
     code = generate_cli.main(["--checkpoint", str(checkpoint), "--prompts", str(prompts),
@@ -149,7 +150,7 @@ def test_bad_prompt_files_are_refused(capsys, tmp_path, with_tokenizer, content,
     prompts.write_text(content)
     code = generate_cli.main(["--checkpoint", str(with_tokenizer), "--prompts", str(prompts),
                               "--out", str(tmp_path / "o.jsonl")])
-    assert code == 2 and message in capsys.readouterr().err
+    assert code == 1 and message in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
 
 
@@ -158,5 +159,5 @@ def test_prompt_longer_than_the_context_is_refused(capsys, tmp_path, with_tokeni
     prompts.write_text("word " * 200 + "\n")
     code = generate_cli.main(["--checkpoint", str(with_tokenizer), "--prompts", str(prompts),
                               "--out", str(tmp_path / "o.jsonl")])
-    assert code == 2 and "context of 128 tokens" in capsys.readouterr().err
+    assert code == 1 and "context of 128 tokens" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()

@@ -3,7 +3,8 @@
 The fixtures in tests/fixtures/ were made by scripts/make_parity_fixtures.py with PyTorch and
 transformers (tiny random float32 models, multi-head and grouped-query, in HF single/sharded and
 Meta single/2-shard form, plus transformers' logits), so these tests need neither. The last test
-uses torch and transformers directly when they are installed.
+uses torch and transformers directly when they are installed. Reward models: test_checkpoint_kinds.py;
+dtypes, shardings and tokenizers: test_checkpoint_load.py.
 """
 
 import json
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import zipfile
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
@@ -21,6 +23,7 @@ import pytest
 
 from llama2_jax.checkpoint import convert
 from llama2_jax.checkpoint.load import detect_format, load_pretrained, read_checkpoint
+from llama2_jax.checkpoint.manager import write_run_files
 from llama2_jax.checkpoint.orbax_params import nest
 from llama2_jax.checkpoint.safetensors import read_safetensors, write_safetensors
 from llama2_jax.checkpoint.torch_pickle import read_pth, write_pth
@@ -95,7 +98,7 @@ def test_truncated_safetensors_is_one_clear_error(tmp_path):
 @pytest.mark.parametrize("name", CONFIGS)
 @pytest.mark.parametrize("layout_name", LAYOUTS)
 def test_logits_match_transformers(mesh, name, layout_name):
-    model = load_pretrained(fixture(name, layout_name), mesh=mesh, compute_dtype="float32")
+    model = load_pretrained(fixture(name, layout_name), jnp.float32, mesh=mesh)
     tokens = np.load(fixture(name, "tokens.npy"))
     expected = np.load(fixture(name, "logits.npy"))
     logits = np.asarray(model(tokens))
@@ -116,7 +119,7 @@ def test_every_fixture_layout_holds_the_same_tensors():
 
 
 @pytest.mark.parametrize(
-    "target, options, dtype",
+    "target, options, param_dtype",
     [
         ("hf", {}, "float32"),
         ("hf", {"max_shard_bytes": 40_000}, "bfloat16"),
@@ -125,8 +128,9 @@ def test_every_fixture_layout_holds_the_same_tensors():
         ("orbax", {}, "bfloat16"),
     ],
 )
-def test_round_trip_through_each_format_is_bit_exact(tmp_path, mesh, target, options, dtype):
-    model = load_pretrained(fixture("gqa", "hf"), dtype=dtype, mesh=mesh)
+def test_round_trip_through_each_format_is_bit_exact(tmp_path, mesh, target, options, param_dtype):
+    # Meta's files cannot say what to compute in: a Meta checkpoint computes in its storage dtype.
+    model = load_pretrained(fixture("gqa", "hf"), param_dtype, param_dtype=param_dtype, mesh=mesh)
     convert.export_model(model, str(tmp_path / target), target, **options)
     assert detect_format(tmp_path / target) == target
     reloaded = load_pretrained(tmp_path / target, mesh=mesh)
@@ -142,7 +146,7 @@ def test_round_trip_through_each_format_is_bit_exact(tmp_path, mesh, target, opt
 def test_loads_the_newest_step_of_a_training_workdir(tmp_path, mesh):
     model = load_pretrained(fixture("mha", "hf"), mesh=mesh)
     arrays = model_arrays(model)
-    (tmp_path / "model_config.json").write_text(json.dumps(model.config.to_dict()))
+    write_run_files(str(tmp_path), {}, model.config.to_dict(), None, "llama")
     for step in (1, 2):  # the layout checkpoint/manager.py writes: params beside optimizer state
         state = {
             "step": step,
@@ -159,24 +163,16 @@ def test_loads_the_newest_step_of_a_training_workdir(tmp_path, mesh):
         assert np.array_equal(np.asarray(loaded[key]), 2 * np.asarray(array)), key
 
 
-def test_cli_converts_hf_to_sharded_meta_like_the_reference(tmp_path):
+def test_converts_hf_to_sharded_meta_like_the_reference(tmp_path):
     source = fixture("gqa", "hf_sharded")
-    assert (
-        convert.main(
-            ["--from", "hf", "--to", "meta", source, str(tmp_path / "meta"), "--shards", "2"]
-        )
-        == 0
-    )
+    convert.convert(source, "hf", str(tmp_path / "meta"), "meta", meta_shards=2)
     for rank in range(2):
         ours = read_pth(tmp_path / "meta" / f"consolidated.{rank:02d}.pth")
         reference = read_pth(fixture("gqa", "meta_2shard", f"consolidated.{rank:02d}.pth"))
         assert set(ours) == set(reference)
         for name, tensor in reference.items():
             assert np.array_equal(ours[name].load(), tensor.load()), name
-    assert (
-        convert.main(["--from", "meta", "--to", "hf", str(tmp_path / "meta"), str(tmp_path / "hf")])
-        == 0
-    )
+    convert.convert(str(tmp_path / "meta"), "meta", str(tmp_path / "hf"), "hf")
     ours, reference = (
         read_safetensors(tmp_path / "hf" / "model.safetensors"),
         read_safetensors(fixture("gqa", "hf", "model.safetensors")),
@@ -185,19 +181,15 @@ def test_cli_converts_hf_to_sharded_meta_like_the_reference(tmp_path):
     assert all(np.array_equal(ours[name].load(), reference[name].load()) for name in reference)
 
 
-def test_cli_casts_and_refuses_to_overwrite(tmp_path, capsys):
+def test_convert_casts_and_refuses_to_overwrite(tmp_path):
     target = str(tmp_path / "hf16")
-    assert (
-        convert.main(
-            ["--from", "meta", "--to", "hf", fixture("mha", "meta"), target, "--dtype", "bfloat16"]
-        )
-        == 0
-    )
+    config, _ = convert.convert(fixture("mha", "meta"), "meta", target, "hf", dtype="bfloat16")
+    assert config.param_dtype == "bfloat16"
     assert {
         t.dtype for t in read_safetensors(os.path.join(target, "model.safetensors")).values()
     } == {np.dtype(ml_dtypes.bfloat16)}
-    assert convert.main(["--from", "meta", "--to", "hf", fixture("mha", "meta"), target]) == 1
-    assert "not empty" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="not empty"):
+        convert.convert(fixture("mha", "meta"), "meta", target, "hf")
 
 
 def test_package_never_imports_torch_or_transformers():
@@ -292,7 +284,7 @@ def test_against_torch_and_transformers_directly(tmp_path, mesh):
     with torch.no_grad():
         expected = reference(torch.from_numpy(tokens)).logits.numpy()
 
-    model = load_pretrained(tmp_path / "hf", mesh=mesh, compute_dtype="float32")
+    model = load_pretrained(tmp_path / "hf", jnp.float32, mesh=mesh)
     np.testing.assert_allclose(np.asarray(model(tokens)), expected, atol=1e-4, rtol=0)
 
     # Our exports, read back by the reference code: Meta files via torch.load, HF via from_pretrained.

@@ -5,22 +5,35 @@ import json
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama2_jax.data import DataError, Tokenizer, default_data_config, make_batches
+from llama2_jax.checkpoint.manager import CheckpointManager
+from llama2_jax.data import DataError, Tokenizer, default_data_config, make_batches, open_split
 from llama2_jax.data.pipeline import local_batches
+from llama2_jax.data.text import DocumentChunks, next_token_pieces, next_token_spec
 
 SEQ_LEN = 16
 DOCUMENT_LENGTHS = [3, 9, 15, 16, 17, 40, 1, 5, 31, 2, 8, 12]  # tokens between BOS and EOS
 
 
 def document_tokens(example):
-    """Synthetic tokenize step: document d of length n -> [1, 1000d, ..., 1000d + n - 1, 2]."""
+    """Synthetic tokenizer: document d of length n -> [1, 1000d, ..., 1000d + n - 1, 2]."""
     document, length = map(int, example["text"].split())
-    tokens = np.array([1] + [1000 * document + index for index in range(length)] + [2], np.int32)
-    return {"tokens": tokens, "loss_weights": np.ones(len(tokens), np.float32)}
+    return np.array([1] + [1000 * document + index for index in range(length)] + [2], np.int32)
+
+
+def encode_document(example):
+    tokens = document_tokens(example)
+    return next_token_pieces(tokens, np.ones(len(tokens), np.float32), SEQ_LEN)
+
+
+def text_batches(config, tokenizer, *, seq_len, global_batch_size, mesh=None, seed=0, split="train",
+                 num_epochs=None, **keywords):
+    """Pretraining's batches: the bundled tokenizer's documents in chunks, packed."""
+    return make_batches(config, open_split(config, split, tokenizer, kind="text"), next_token_spec(seq_len),
+                        DocumentChunks(tokenizer, seq_len), global_batch_size=global_batch_size, mesh=mesh,
+                        seed=seed, num_epochs=num_epochs, **keywords)
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +61,9 @@ def tokenizer():
 
 
 def one_epoch(config, tokenizer, *, process_index=0, process_count=1, batch_size=3):
-    dataset, _ = local_batches(config, tokenizer, seq_len=SEQ_LEN, local_batch_size=batch_size, seed=7,
-                               num_epochs=1, process_index=process_index, process_count=process_count,
-                               tokenize_fn=document_tokens)
+    dataset, _ = local_batches(config, open_split(config, "train", tokenizer, kind="text"), next_token_spec(SEQ_LEN),
+                               encode_document, local_batch_size=batch_size, seed=7, num_epochs=1,
+                               process_index=process_index, process_count=process_count)
     return list(dataset)
 
 
@@ -81,7 +94,7 @@ def test_packing_puts_every_token_in_exactly_one_sequence(synthetic_config, toke
         predicted.update(targets.tolist())
     expected = collections.Counter()
     for document, length in enumerate(DOCUMENT_LENGTHS, 1):
-        expected.update(document_tokens({"text": f"{document} {length}"})["tokens"][1:].tolist())
+        expected.update(document_tokens({"text": f"{document} {length}"})[1:].tolist())
     assert predicted == expected  # each document's tokens once, long ones split, none dropped
 
 
@@ -108,9 +121,9 @@ def assert_same_batches(left, right):
 
 
 def test_same_seed_same_batches_and_epochs_counted(shakespeare_config, tokenizer):
-    first = make_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=3)
-    second = make_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=3)
-    other = make_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=4)
+    first = text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, seed=3)
+    second = text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, seed=3)
+    other = text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, seed=4)
     assert_same_batches(take(first, 3), take(second, 3))
     assert not np.array_equal(next(first)["inputs"], next(other)["inputs"])
     epoch_before = first.epoch
@@ -119,85 +132,92 @@ def test_same_seed_same_batches_and_epochs_counted(shakespeare_config, tokenizer
 
 
 def test_epochs_are_counted(synthetic_config, tokenizer):
-    batches = make_batches(synthetic_config, tokenizer, seq_len=SEQ_LEN, global_batch_size=2, mesh=None, seed=0,
-                           tokenize_fn=document_tokens)
+    batches = make_batches(synthetic_config, open_split(synthetic_config, "train", tokenizer, kind="text"),
+                           next_token_spec(SEQ_LEN), encode_document, global_batch_size=2, mesh=None, seed=0)
     take(batches, 60)  # about eight epochs of the synthetic documents, plus up to 64 documents read ahead
     assert 6 < batches.epoch < 8 + 64 / len(DOCUMENT_LENGTHS)
 
 
 def test_resume_from_state_reproduces_next_batches(shakespeare_config, tokenizer):
-    batches = make_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=0)
+    batches = text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4)
     take(batches, 5)
     state = batches.get_state()
     expected = take(batches, 4)
-    resumed = make_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=0)
+    resumed = text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4)
     resumed.set_state(state)
     assert_same_batches(take(resumed, 4), expected)
 
 
-def test_iterator_state_round_trips_through_orbax_checkpoint(shakespeare_config, tokenizer, tmp_path):
+def test_iterator_state_round_trips_through_a_training_checkpoint(shakespeare_config, tokenizer, tmp_path):
     mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    batches = make_batches(shakespeare_config, tokenizer, seq_len=32, global_batch_size=8, mesh=mesh, seed=1)
+    batches = text_batches(shakespeare_config, tokenizer, seq_len=32, global_batch_size=8, mesh=mesh, seed=1)
     take(batches, 3)
     params = {"w": np.arange(4.0)}
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        manager.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(params), data=batches.save_args()))
-        manager.wait_until_finished()
+    manager = CheckpointManager(str(tmp_path), keep=1)
+    manager.save(3, params, batches, {"stage": "test"})
+    manager.close()
     expected = take(batches, 3)
-    resumed = make_batches(shakespeare_config, tokenizer, seq_len=32, global_batch_size=8, mesh=mesh, seed=1)
-    with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-        restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(params), data=resumed.restore_args()))
-    np.testing.assert_array_equal(restored["state"]["w"], params["w"])
+    resumed = text_batches(shakespeare_config, tokenizer, seq_len=32, global_batch_size=8, mesh=mesh, seed=1)
+    step, restored = CheckpointManager(str(tmp_path), keep=1).restore(
+        {"w": jax.ShapeDtypeStruct((4,), np.float64)}, resumed)
+    assert step == 3
+    np.testing.assert_array_equal(restored["w"], params["w"])
     assert_same_batches(take(resumed, 3), expected)
 
 
 def test_global_arrays_are_sharded_over_data_and_fsdp(shakespeare_config, tokenizer):
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
-    batch = next(make_batches(shakespeare_config, tokenizer, seq_len=32, global_batch_size=8, mesh=mesh, seed=0))
+    batch = next(text_batches(shakespeare_config, tokenizer, seq_len=32, global_batch_size=8, mesh=mesh))
     assert set(batch) == {"inputs", "targets", "loss_weights", "positions", "segment_ids"}
     for name, array in batch.items():
         assert array.shape == (8, 32)
         assert array.sharding.is_equivalent_to(NamedSharding(mesh, PartitionSpec(("data", "fsdp"))), 2)
     assert batch["loss_weights"].dtype == np.float32 and batch["inputs"].dtype == np.int32
-    with pytest.raises(ValueError, match="not divisible by data x fsdp"):
-        make_batches(shakespeare_config, tokenizer, seq_len=32, global_batch_size=6, mesh=mesh, seed=0)
+    with pytest.raises(DataError, match="not divisible by the 4 batch shards"):
+        text_batches(shakespeare_config, tokenizer, seq_len=32, global_batch_size=6, mesh=mesh)
 
 
-def test_one_pass_over_validation_pads_the_last_batch_and_stops(shakespeare_config, tokenizer):
-    batches = list(make_batches(shakespeare_config, tokenizer, seq_len=256, global_batch_size=8, mesh=None,
-                                seed=0, split="validation", num_epochs=1))
+def test_one_pass_over_validation_holds_every_token_then_padding_rows(shakespeare_config, tokenizer):
+    batches = list(text_batches(shakespeare_config, tokenizer, seq_len=256, global_batch_size=8, split="validation",
+                                num_epochs=1))
     assert all(batch["inputs"].shape == (8, 256) for batch in batches)
-    predicted = sum(int(batch["loss_weights"].sum()) for batch in batches)
-    assert predicted > 50_000  # the held-out plays' tokens, every one of them
-    assert not batches[-1]["loss_weights"][-1].any() or predicted % (8 * 256)
+    source = open_split(shakespeare_config, "validation", tokenizer, kind="text")
+    expected = sum(len(tokenizer.encode(source[index]["text"].decode(), bos=True, eos=True)) - 1
+                   for index in range(len(source)))
+    assert sum(int(batch["loss_weights"].sum()) for batch in batches) == expected  # every held-out prediction
+    rows = [row for batch in batches for row in zip(batch["segment_ids"], batch["loss_weights"])]
+    used = [bool(segment_ids.any()) for segment_ids, _ in rows]
+    # Padding rows (no segment, no weight) only fill up the very last batch.
+    assert used == sorted(used, reverse=True) and used.index(False) > len(rows) - 8
+    assert all(not weights.any() for (_, weights), is_used in zip(rows, used) if not is_used)
 
 
 def test_pretokenized_dataset_gives_the_same_batches(shakespeare_config, tokenizer):
     pretokenized = default_data_config()
     pretokenized.update(shakespeare_config)
     pretokenized.pretokenize = True
-    on_the_fly = make_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=5)
-    from_tokens = make_batches(pretokenized, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=5)
+    on_the_fly = text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, seed=5)
+    from_tokens = text_batches(pretokenized, tokenizer, seq_len=64, global_batch_size=4, seed=5)
     assert_same_batches(take(on_the_fly, 5), take(from_tokens, 5))
 
 
 def test_bad_pipeline_inputs(shakespeare_config, synthetic_config, tokenizer, tmp_path):
     with pytest.raises(DataError, match="no split 'test'"):
-        make_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=0, split="test")
-    with pytest.raises(DataError, match="gets no documents"):
-        local_batches(synthetic_config, tokenizer, seq_len=SEQ_LEN, local_batch_size=1, seed=0,
+        text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, split="test")
+    with pytest.raises(DataError, match="gets no examples"):
+        local_batches(synthetic_config, open_split(synthetic_config, "train", tokenizer, kind="text"),
+                      next_token_spec(SEQ_LEN), encode_document, local_batch_size=1, seed=0,
                       process_index=20, process_count=21)
-    with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-        make_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=0,
-                     process_index=0, process_count=3)
-    no_tokens = make_batches(synthetic_config, tokenizer, seq_len=SEQ_LEN, global_batch_size=2, mesh=None, seed=0,
-                             tokenize_fn=lambda example: {"tokens": np.array([1, 2], np.int32),
-                                                          "loss_weights": np.zeros(2, np.float32)})
-    with pytest.raises(DataError, match="no tokens to train on"):
-        next(no_tokens)
+    with pytest.raises(DataError, match="not divisible by the 3 processes"):
+        text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, process_index=0, process_count=3)
+    no_weights = make_batches(
+        synthetic_config, open_split(synthetic_config, "train", tokenizer, kind="text"), next_token_spec(SEQ_LEN),
+        lambda example: next_token_pieces(np.array([1, 2], np.int32), np.zeros(2, np.float32), SEQ_LEN),
+        global_batch_size=2, mesh=None, seed=0)
+    with pytest.raises(DataError, match="nothing to train on"):
+        next(no_weights)
     foreign = default_data_config()
     foreign.update(shakespeare_config)
     foreign.tokenized_dir = str(tmp_path / "nothing_here")
     with pytest.raises(DataError, match="holds no tokenized dataset"):
-        make_batches(foreign, tokenizer, seq_len=64, global_batch_size=4, mesh=None, seed=0)
+        text_batches(foreign, tokenizer, seq_len=64, global_batch_size=4)

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from llama2_jax.data import RATING_LEVELS, DataError
-from llama2_jax.data import prepare, sources
+from llama2_jax.commands import data as data_command
+from llama2_jax.data import sources
 
 
 def write_jsonl(path, rows):
@@ -19,7 +20,7 @@ def examples(builder, split="train"):
 
 
 def test_bundled_corpus_has_train_and_held_out_validation(tmp_path):
-    builder = sources.bundled_dataset(tmp_path)
+    builder = sources.bundled_dataset("shakespeare", tmp_path)
     train, validation = (builder.info.splits[name].num_examples for name in ("train", "validation"))
     assert train > 300 and 0 < validation < train / 10
     assert sources.prepared_dataset("shakespeare", tmp_path).info.splits["train"].num_examples == train
@@ -112,13 +113,35 @@ def test_missing_empty_and_unprepared_inputs(tmp_path):
         sources.data_source(sources.prepared_dataset("local_text/reused", tmp_path), "validation")
 
 
-def test_data_cli_build_info_tokenize(tmp_path, capsys):
+def test_data_cli_build_info_tokenize_by_bare_name(tmp_path, capsys):
     (tmp_path / "a.txt").write_text("Some text to build.\n\nAnd more text.")
     data_dir = str(tmp_path / "tfds")
-    assert prepare.main(["--data-dir", data_dir, "build", "--name", "cli", "--input", str(tmp_path / "a.txt")]) == 0
-    assert prepare.main(["--data-dir", data_dir, "info", "--dataset", "local_text/cli"]) == 0
-    assert prepare.main(["--data-dir", data_dir, "tokenize", "--dataset", "local_text/cli",
-                         "--out", str(tmp_path / "tokens")]) == 0
+    assert data_command.main(["--data-dir", data_dir, "build", "--name", "cli", "--input", str(tmp_path / "a.txt")]) == 0
+    assert "--config.data.dataset=cli" in capsys.readouterr().out
+    assert data_command.main(["--data-dir", data_dir, "info", "--dataset", "local_text/cli"]) == 0
+    # As the README writes it: the bare name a local dataset was built under.
+    assert data_command.main(["--data-dir", data_dir, "tokenize", "--dataset", "cli",
+                              "--out", str(tmp_path / "tokens")]) == 0
     assert (tmp_path / "tokens" / "train.array_record").is_file()
-    assert prepare.main(["--data-dir", data_dir, "info", "--dataset", "local_text/missing"]) == 1
-    assert "error: dataset 'local_text/missing' is not prepared" in capsys.readouterr().out
+    capsys.readouterr()
+    assert data_command.main(["--data-dir", data_dir, "info", "--dataset", "missing"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("error: dataset 'missing' is not prepared") and error.count("\n") == 1
+    assert "data build" in error and len(error) < 400  # not tfds's catalogue of every dataset
+
+
+def test_a_dataset_of_another_kind_names_the_command_that_reads_it(tmp_path):
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "hi"},
+                                                                 {"role": "assistant", "content": "hello"}]}])
+    builder = sources.build_local_dataset("chats", [chats], format="chat", data_dir=tmp_path)
+    with pytest.raises(DataError, match="holds chat data.*python -m llama2_jax sft"):
+        sources.check_kind(builder, "text")
+    sources.check_kind(builder, "chat")
+
+
+@pytest.mark.parametrize("name, feature", [("shakespeare_dialogs", "messages"), ("shakespeare_preferences", "chosen")])
+def test_bundled_demo_datasets_build_with_held_out_splits(tmp_path, name, feature):
+    builder = sources.prepared_dataset(name, tmp_path)
+    assert feature in builder.info.features
+    train, validation = (builder.info.splits[split].num_examples for split in ("train", "validation"))
+    assert train > 1000 and 100 < validation < train / 10

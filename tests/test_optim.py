@@ -111,3 +111,12 @@ def test_adamw_hyperparameters_are_the_papers():
                   if isinstance(s, optax.ScaleByAdamState)][0]
     np.testing.assert_allclose(adam_state.mu["w"], 0.1 * grads["w"], rtol=1e-6)
     np.testing.assert_allclose(adam_state.nu["w"], 0.05 * grads["w"] ** 2, rtol=1e-6)
+
+
+def test_warmup_is_the_larger_of_its_steps_and_its_share_of_the_schedule():
+    # The reward models' recipe: warmup 3 % of the steps, at least 5.
+    recipe = {**PAPER, "peak_lr": 1e-5, "warmup_steps": 5, "warmup_fraction": 0.03}
+    _, short = make_optimizer(recipe, total_steps=100)  # 3 steps < 5
+    _, long = make_optimizer(recipe, total_steps=1000)  # 30 steps
+    assert float(short(5)) == pytest.approx(1e-5) and float(short(4)) == pytest.approx(0.8e-5)
+    assert float(long(30)) == pytest.approx(1e-5) and float(long(15)) == pytest.approx(0.5e-5)

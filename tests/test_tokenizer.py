@@ -2,7 +2,7 @@
 
 import pytest
 
-from llama2_jax.data import tokenizer as tokenizer_module
+from llama2_jax.commands import tokenizer as tokenizer_module
 from llama2_jax.data.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 
 ROUND_TRIP_TEXTS = [

@@ -5,7 +5,7 @@ import pytest
 from configs.pretrain import get_config
 from llama2_jax.config_cli import ConfigError, parse_config_flags
 from llama2_jax.model.config import LlamaConfig
-from llama2_jax.train import pretrain
+from llama2_jax import cli
 
 
 @pytest.mark.parametrize(
@@ -68,6 +68,6 @@ def test_loaded_config_is_locked():
 
 
 def test_train_command_reports_a_misspelt_key(capsys):
-    code = pretrain.main(["--config=configs/pretrain.py:tiny", "--config.train.step=3", "--workdir=/tmp/unused"])
+    code = cli.main(["train", "--config=configs/pretrain.py:tiny", "--config.train.step=3", "--workdir=/tmp/unused"])
     assert code == 2
     assert "train.steps" in capsys.readouterr().err

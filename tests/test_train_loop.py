@@ -1,5 +1,7 @@
-"""The training loop: accumulation, exact resume (SIGTERM included), resume on another mesh."""
+"""The training loop: accumulation, exact resume (SIGTERM and Ctrl-C included), resume on another
+mesh, extending a finished run on its schedule."""
 
+import logging
 import os
 import signal
 
@@ -13,11 +15,13 @@ from configs.pretrain import get_config
 from llama2_jax.metrics import read_metrics
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.sharding import batch_sharding, create_model, logical_context, make_mesh
-from llama2_jax.train.loop import Task, train
+from llama2_jax.data.text import next_token_spec
+from llama2_jax.train.loop import train
 from llama2_jax.train.losses import make_next_token_loss
 from llama2_jax.train.optim import make_optimizer
 from llama2_jax.train.state import init_train_state, param_dict, train_state_shardings
 from llama2_jax.train.step import make_train_step
+from llama2_jax.train.task import Task
 
 MODEL = LlamaConfig(
     vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32,
@@ -29,17 +33,18 @@ BATCH, SEQ_LEN, STEPS = 8, 16, 6
 class SyntheticBatches:
     """Deterministic packed batches by position, resumable, with uneven loss weights.
 
-    `sigterm_at`: send this process SIGTERM when that batch is drawn (a preemption mid-run)."""
+    `signals`: {batch position: signals} sent to this process when that batch is drawn (a
+    preemption, or Ctrl-C, mid-run)."""
 
-    def __init__(self, mesh, sigterm_at=None):
-        self.mesh, self.position, self.sigterm_at = mesh, 0, sigterm_at
+    def __init__(self, mesh, signals=None):
+        self.mesh, self.position, self.signals = mesh, 0, signals or {}
 
     def __iter__(self):
         return self
 
     def __next__(self):
-        if self.position == self.sigterm_at:
-            os.kill(os.getpid(), signal.SIGTERM)
+        for number in self.signals.get(self.position, ()):
+            os.kill(os.getpid(), number)
         batch = make_batch(self.position, BATCH)
         self.position += 1
         return {name: jax.device_put(value, batch_sharding(self.mesh)) for name, value in batch.items()}
@@ -80,12 +85,13 @@ def make_config(mesh_shape=(8, 1, 1), steps=STEPS, eval_every=0):
     return config
 
 
-def make_task(sigterm_at=None):
+def make_task(signals=None):
     return Task(
         model_config=MODEL,
         loss_fn=make_next_token_loss(),
-        train_batches=lambda mesh: SyntheticBatches(mesh, sigterm_at),
-        eval_batches=lambda mesh: SyntheticBatches(mesh),
+        batch_spec=next_token_spec(SEQ_LEN),
+        train_batches=lambda mesh, rules: SyntheticBatches(mesh, signals),
+        eval_batches=lambda mesh, rules: (batch for _, batch in zip(range(2), SyntheticBatches(mesh))),
     )
 
 
@@ -121,13 +127,57 @@ def test_run_logs_checkpoints_and_learns(straight_run):
 def test_sigterm_then_restart_resumes_exactly(straight_run, tmp_path):
     reference_dir, reference = straight_run
     workdir = str(tmp_path)
-    stopped = train(make_config(), workdir, make_task(sigterm_at=3))
+    stopped = train(make_config(), workdir, make_task({3: [signal.SIGTERM]}))
     # SIGTERM while drawing batch 3 (step 4): that step finishes, is saved, and the run returns.
     assert stopped.interrupted and int(stopped.state.step) == 4
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]
     resumed = train(make_config(), workdir, make_task())
     assert losses(workdir) == losses(reference_dir)
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(reference))
+
+
+def test_ctrl_c_saves_at_the_step_it_stopped_and_a_rerun_continues_exactly(straight_run, tmp_path):
+    reference_dir, reference = straight_run
+    workdir = str(tmp_path)
+    stopped = train(make_config(), workdir, make_task({4: [signal.SIGINT]}))
+    assert stopped.interrupted and int(stopped.state.step) == 5
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "5"]
+    resumed = train(make_config(), workdir, make_task())
+    assert losses(workdir) == losses(reference_dir)
+    jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(reference))
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        # Both presses while one batch is drawn: the second lands before the next step boundary.
+        train(make_config(), str(tmp_path), make_task({1: [signal.SIGINT, signal.SIGINT]}))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def learning_rates(workdir):
+    return {record["step"]: record["learning_rate"] for record in read_metrics(workdir) if "loss" in record}
+
+
+def test_extending_a_finished_run_keeps_its_schedule_unless_asked(tmp_path, caplog):
+    workdir = str(tmp_path / "extended")
+    first = make_config(steps=4)
+    first.optimizer.decay_steps = 0  # the schedule is the run's length: 4 steps
+    train(first, workdir, make_task())
+    longer = make_config(steps=6)
+    longer.optimizer.decay_steps = 0
+    with caplog.at_level(logging.WARNING):
+        train(longer, workdir, make_task())
+    assert "keeping it" in caplog.text
+    rates = learning_rates(workdir)
+    end_lr = first.optimizer.peak_lr * first.optimizer.end_lr_fraction
+    np.testing.assert_allclose([rates[5], rates[6]], [end_lr, end_lr], rtol=1e-6)
+    # Asked for explicitly, the schedule is stretched to 8 steps from where the run is.
+    stretched_dir = str(tmp_path / "stretched")
+    train(first, stretched_dir, make_task())
+    stretched = make_config(steps=6)
+    stretched.optimizer.decay_steps = 8
+    train(stretched, stretched_dir, make_task())
+    assert learning_rates(stretched_dir)[5] > end_lr * 1.5
 
 
 def test_checkpoint_from_one_mesh_resumes_on_another(straight_run, tmp_path):

@@ -3,6 +3,12 @@
 HF's q/k rows are already in the rotate-half RoPE layout our model uses, so importing is renaming
 and transposing. Older repositories ship `pytorch_model.bin` files instead; they are torch zip
 archives and are read the same way as Meta's `.pth` files.
+
+A language model is a `LlamaForCausalLM` (`lm_head.weight`); a reward model is the layout HF reward
+models use, a `LlamaForSequenceClassification` with one label (`score.weight` [1, dim], and
+`pad_token_id` 0, our padding id, by which HF finds each row's last token). `config.json`'s dtype is
+the dtype HF runs the model in, so it records our compute dtype; a file without one computes in the
+dtype its weights are stored in.
 """
 
 from __future__ import annotations
@@ -28,7 +34,19 @@ GLOBAL_NAMES = {
     "embedder.embedding": "model.embed_tokens.weight",
     "norm.scale": "model.norm.weight",
     "output.kernel": "lm_head.weight",
+    "score.kernel": "score.weight",
 }
+# What config.json says beyond the shape, by model kind. The reward model's twin scores with one
+# label, at each row's last token that is not padding, which HF finds by our padding id, 0.
+KIND_FIELDS = {
+    "llama": {"architectures": ["LlamaForCausalLM"]},
+    "reward": {
+        "architectures": ["LlamaForSequenceClassification"],
+        "num_labels": 1,
+        "pad_token_id": 0,
+    },
+}
+ARCHITECTURES = {kind: fields["architectures"][0] for kind, fields in KIND_FIELDS.items()}
 LAYER_NAMES = {
     "attention.wq": "self_attn.q_proj.weight",
     "attention.wk": "self_attn.k_proj.weight",
@@ -92,6 +110,34 @@ def read_hf_config(path: str | os.PathLike, **overrides) -> LlamaConfig:
     return LlamaConfig.from_hf_config(hf_config, **overrides)
 
 
+def _model_kind(path: str, hf_config: dict, tensor_names: set[str]) -> str:
+    """`llama` or `reward`: the head the weights hold, which must be the one `architectures` names."""
+    heads = {kind: GLOBAL_NAMES[head] for kind, head in layout.HEADS.items()}
+    found = [kind for kind, name in heads.items() if name in tensor_names]
+    if not found and hf_config.get("tie_word_embeddings"):
+        found = ["llama"]  # the next-token head is the embedding itself
+    architectures = hf_config.get("architectures") or [ARCHITECTURES[kind] for kind in found]
+    named = [kind for kind, name in ARCHITECTURES.items() if name in architectures]
+    if len(architectures) != 1 or len(named) != 1:
+        raise ValueError(
+            f"{path}/{CONFIG_FILE}: architectures {architectures} are not supported; "
+            f"expected one of {sorted(ARCHITECTURES.values())}"
+        )
+    kind = named[0]
+    if found != [kind]:
+        raise ValueError(
+            f"{path}: a {ARCHITECTURES[kind]} needs the head tensor {heads[kind]}, but the "
+            f"checkpoint holds {[heads[k] for k in found] or 'no head'}"
+        )
+    labels = len(hf_config.get("id2label") or {}) or hf_config.get("num_labels", 1)
+    if kind == "reward" and labels != 1:
+        raise ValueError(
+            f"{path}/{CONFIG_FILE}: a LlamaForSequenceClassification with {labels} labels; only a "
+            "single-score reward model (num_labels 1) can be read"
+        )
+    return kind
+
+
 def _weight_files(path: str) -> dict[str, str]:
     """HF tensor name -> the file that holds it, checking every shard named by an index exists."""
     for single, index in WEIGHT_FILES:
@@ -127,14 +173,20 @@ def read_hf(
     path = os.fspath(path)
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
         raise FileNotFoundError(f"{path} has no {CONFIG_FILE}; not a Hugging Face checkpoint")
-    config = read_hf_config(path, **config_overrides)
+    hf_config = _read_config_json(path)
     source = {
         name: t for name, t in _read_tensors(path).items() if not name.endswith(IGNORED_SUFFIXES)
     }
-    if _read_config_json(path).get("tie_word_embeddings") and "model.embed_tokens.weight" in source:
+    storage_dtype = _storage_dtype(path, source)
+    kind = _model_kind(path, hf_config, set(source))
+    if kind == "llama" and hf_config.get("tie_word_embeddings"):
         source.setdefault("lm_head.weight", source["model.embed_tokens.weight"])
+    stored = {"param_dtype": storage_dtype}
+    if not (hf_config.get("dtype") or hf_config.get("torch_dtype")):
+        stored["compute_dtype"] = storage_dtype
+    config = read_hf_config(path, **{**stored, **config_overrides})
     tensors = {}
-    for key in layout.per_layer_keys(config):
+    for key in layout.per_layer_keys(config, kind):
         name = hf_name(key)
         if name not in source:
             raise ValueError(f"{path}: tensor {name} is missing from the checkpoint")
@@ -146,6 +198,14 @@ def read_hf(
             f"{path}: tensors {sorted(source)[:5]} do not belong to a {config.n_layers}-layer Llama"
         )
     return config, tensors
+
+
+def _storage_dtype(path: str, tensors: Mapping[str, LazyArray]) -> str:
+    """The dtype the weights are stored in (the embedding's: exporters write one dtype)."""
+    embedding = tensors.get("model.embed_tokens.weight")
+    if embedding is None:
+        raise ValueError(f"{path}: tensor model.embed_tokens.weight is missing from the checkpoint")
+    return np.dtype(embedding.dtype).name
 
 
 def _group_into_shards(sizes: Mapping[str, int], max_shard_bytes: int) -> list[list[str]]:
@@ -167,16 +227,13 @@ def write_hf(
 ) -> None:
     """Write `config.json` and safetensors (sharded with an index past `max_shard_bytes`)."""
     path = os.fspath(path)
+    kind = layout.kind_of(tensors)
     os.makedirs(path, exist_ok=True)
     hf_tensors = {
         hf_name(key): layout.to_torch(config, key, as_lazy(tensors[key]))
-        for key in layout.per_layer_keys(config)
+        for key in layout.per_layer_keys(config, kind)
     }
-    hf_config = config.to_hf_config()
-    # transformers < 5 reads "torch_dtype", newer versions "dtype".
-    hf_config["torch_dtype"] = hf_config["dtype"] = str(
-        np.dtype(hf_tensors["model.embed_tokens.weight"].dtype)
-    )
+    hf_config = {**config.to_hf_config(), **KIND_FIELDS[kind]}
     with open(os.path.join(path, CONFIG_FILE), "w") as file:
         json.dump(hf_config, file, indent=2)
     shards = _group_into_shards({name: t.nbytes for name, t in hf_tensors.items()}, max_shard_bytes)

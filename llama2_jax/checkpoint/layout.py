@@ -6,6 +6,10 @@ and Hugging Face use that torch layout and differ only in names, in how q/k rows
 RoPE (Meta's adjacent pairs vs the rotate-half layout we share with HF) and in sharding. This module
 owns the part they share: per-layer names, torch-layout shapes, the transposes between the two, and
 stacking per-layer tensors into our [L, ...] arrays (and back) one tensor at a time.
+
+The model kinds (llama2_jax.model.llama.MODEL_KINDS) share the backbone and differ only in the head
+on top of it (`HEADS`). A set of tensors says its own kind by the head it holds (`kind_of`), so the
+readers and writers pass tensors around without a separate kind to keep in step with them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import numpy as np
 from llama2_jax.checkpoint.lazy import LazyArray, as_lazy
 from llama2_jax.model.config import LlamaConfig
 
-GLOBAL_PARAMS = ("embedder.embedding", "norm.scale", "output.kernel")
+BACKBONE_PARAMS = ("embedder.embedding", "norm.scale")
+# The one parameter in which the model kinds differ: the language model's next-token head, or the
+# reward model's scalar score.
+HEADS = {"llama": "output.kernel", "reward": "score.kernel"}
 LAYER_PARAMS = (
     "attention.wq",
     "attention.wk",
@@ -35,12 +42,35 @@ def layer_key(layer: int, param: str) -> str:
     return f"layers.{layer}.{param}"
 
 
-def per_layer_keys(config: LlamaConfig) -> list[str]:
+def check_kind(kind: str) -> None:
+    if kind not in HEADS:
+        raise ValueError(f"unknown model kind {kind!r}; known kinds: {sorted(HEADS)}")
+
+
+def global_params(kind: str) -> tuple[str, ...]:
+    """The parameters outside the layer stack of a model of this kind."""
+    check_kind(kind)
+    return (*BACKBONE_PARAMS, HEADS[kind])
+
+
+def kind_of(tensors: Mapping[str, object]) -> str:
+    """The model kind whose head is among `tensors` (ours, stacked or per layer)."""
+    kinds = [kind for kind, head in HEADS.items() if head in tensors]
+    if len(kinds) != 1:
+        raise ValueError(
+            f"a model needs exactly one head of {sorted(HEADS.values())}; these tensors hold "
+            f"{[HEADS[kind] for kind in kinds] or 'none'}"
+        )
+    return kinds[0]
+
+
+def per_layer_keys(config: LlamaConfig, kind: str) -> list[str]:
     """Every tensor of a checkpoint in our names, layers unstacked, in a natural file order."""
-    keys = ["embedder.embedding"]
+    embedding, norm, head = global_params(kind)
+    keys = [embedding]
     for layer in range(config.n_layers):
         keys += [layer_key(layer, param) for param in LAYER_PARAMS]
-    return keys + ["norm.scale", "output.kernel"]
+    return keys + [norm, head]
 
 
 def our_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
@@ -50,6 +80,7 @@ def our_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "embedder.embedding": (config.vocab_size, dim),
         "norm.scale": (dim,),
         "output.kernel": (dim, config.vocab_size),
+        "score.kernel": (dim, 1),
         "attention.wq": (dim, heads, head_dim),
         "attention.wk": (dim, kv_heads, head_dim),
         "attention.wv": (dim, kv_heads, head_dim),
@@ -69,6 +100,7 @@ def torch_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "embedder.embedding": (config.vocab_size, dim),
         "norm.scale": (dim,),
         "output.kernel": (config.vocab_size, dim),
+        "score.kernel": (1, dim),
         "attention.wq": (config.n_heads * config.head_dim, dim),
         "attention.wk": (config.n_kv_heads * config.head_dim, dim),
         "attention.wv": (config.n_kv_heads * config.head_dim, dim),
@@ -78,6 +110,15 @@ def torch_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         "feed_forward.w2": (dim, ffn_dim),
         "attention_norm.scale": (dim,),
         "ffn_norm.scale": (dim,),
+    }
+
+
+def stacked_shapes(config: LlamaConfig, kind: str) -> dict[str, tuple[int, ...]]:
+    """Shape of every parameter of our stacked tree (dotted names), for a model of this kind."""
+    shapes = our_shapes(config)
+    return {
+        **{name: shapes[name] for name in global_params(kind)},
+        **{f"layers.{name}": (config.n_layers, *shapes[name]) for name in LAYER_PARAMS},
     }
 
 
@@ -98,7 +139,7 @@ def check_shape(config: LlamaConfig, key: str, source_name: str, shape: tuple[in
         )
 
 
-TRANSPOSED = ("output.kernel", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
+TRANSPOSED = ("output.kernel", "score.kernel", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
 PROJECTIONS = ("attention.wq", "attention.wk", "attention.wv")
 
 
@@ -136,7 +177,7 @@ def stack_layers(
     """
     shapes = our_shapes(config)
     stacked = {}
-    for name in GLOBAL_PARAMS:
+    for name in global_params(kind_of(tensors)):
         source = tensors[name]
         stacked[name] = source if dtype is None else source.astype(dtype)
     for name in LAYER_PARAMS:
@@ -161,9 +202,9 @@ def _stacker(layer_tensors: list[LazyArray], dtype: np.dtype):
 def unstack_layers(config: LlamaConfig, arrays: Mapping[str, object]) -> dict[str, LazyArray]:
     """Our stacked tree (numpy or jax arrays) -> per-layer lazy slices, in checkpoint file order."""
     tensors = {}
-    for key in per_layer_keys(config):
+    for key in per_layer_keys(config, kind_of(arrays)):
         name = param_name(key)
-        if name in GLOBAL_PARAMS:
+        if not key.startswith("layers."):
             tensors[key] = as_lazy(arrays[name])
         else:
             stacked = arrays[f"layers.{name}"]

@@ -1,15 +1,18 @@
-"""`load_pretrained`: a Meta, Hugging Face or orbax checkpoint in, a `Llama` on a mesh out.
+"""`load_pretrained`: a Meta, Hugging Face or orbax checkpoint in, a model on a mesh out.
 
 Meta and HF weights stream in one parameter at a time: each of our stacked [L, ...] arrays is
 assembled from the per-layer source tensors, placed shard by shard on the mesh, and released
 before the next is read, so the host never holds the whole model twice. Our orbax checkpoints are
 restored by orbax directly into their shards.
+
+The model class follows the checkpoint: a language model loads as `Llama`, a reward model (our
+`kind: reward`, HF's `LlamaForSequenceClassification`) as `LlamaRewardModel`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
@@ -19,10 +22,14 @@ from llama2_jax import sharding
 from llama2_jax.checkpoint import hf, layout, meta, orbax_params
 from llama2_jax.checkpoint.lazy import LazyArray
 from llama2_jax.model.config import LlamaConfig
-from llama2_jax.model.llama import Llama
+from llama2_jax.model.llama import MODEL_KINDS, Transformer
+
+if TYPE_CHECKING:
+    from llama2_jax.data.tokenizer import Tokenizer
 
 FORMATS = ("meta", "hf", "orbax")
 READERS = {"meta": meta.read_meta, "hf": hf.read_hf, "orbax": orbax_params.read_orbax_params}
+TOKENIZER_FILE = "tokenizer.model"
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -45,7 +52,11 @@ def detect_format(path: str | os.PathLike) -> str:
 def read_checkpoint(
     path: str | os.PathLike, format: str | None = None, **config_overrides: Any
 ) -> tuple[LlamaConfig, dict[str, LazyArray]]:
-    """Config and every tensor in our per-layer layout, read lazily (orbax: restored to host memory)."""
+    """Config and every tensor in our per-layer layout, read lazily (orbax: restored to host memory).
+
+    The config's `param_dtype` is the dtype the weights are stored in and `compute_dtype` the one
+    the checkpoint records (see each format's module); `layout.kind_of(tensors)` tells the kind.
+    """
     if format is not None and format not in READERS:
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
     detected = detect_format(path)
@@ -54,48 +65,105 @@ def read_checkpoint(
     return READERS[detected](path, **config_overrides)
 
 
+def checkpoint_config(path: str | os.PathLike, **config_overrides: Any) -> tuple[LlamaConfig, str]:
+    """The checkpoint's config and model kind (a key of MODEL_KINDS), without reading its weights."""
+    path = os.fspath(path)
+    if detect_format(path) == "orbax":
+        return orbax_params.read_config(path, **config_overrides)
+    config, tensors = read_checkpoint(path, **config_overrides)  # lazy: headers only
+    return config, layout.kind_of(tensors)
+
+
 def load_pretrained(
     path: str | os.PathLike,
     dtype: Any = None,
+    *,
+    param_dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
     **config_overrides: Any,
-) -> Llama:
-    """A `Llama` with the checkpoint's weights, sharded over `mesh` (default: all local devices).
+) -> Transformer:
+    """The checkpoint's model (`Llama` or `LlamaRewardModel`), sharded over `mesh` (default: all
+    local devices) by the logical-axis `rules`: laid out exactly as a train state under those rules.
 
-    `dtype` is the parameter dtype (default: the checkpoint's own, e.g. bfloat16 for Meta's
-    files; pass float32 for training master weights); `config_overrides` set LlamaConfig fields
-    that do not change shapes, e.g. `compute_dtype="float32"`, `attention="cudnn"`, `max_seq_len`
-    (Meta's params.json does not record the context length, so it defaults to 4096).
+    As in Flax, `dtype` is the computation dtype (default: the one the checkpoint records) and
+    `param_dtype` the dtype the weights are kept in (default: the checkpoint's own, e.g. bfloat16
+    for Meta's files; pass float32 for training master weights). `config_overrides` set LlamaConfig
+    fields that do not change shapes, e.g. `attention="cudnn"`, `max_seq_len` (Meta's params.json
+    does not record the context length, so it defaults to 4096).
     """
     path = os.fspath(path)
     format = detect_format(path)
     if dtype is not None:
-        config_overrides["param_dtype"] = np.dtype(dtype).name
+        if "compute_dtype" in config_overrides:
+            raise ValueError("the compute dtype is given twice, as dtype= and compute_dtype=; pass one")
+        config_overrides["compute_dtype"] = np.dtype(dtype).name
+    if param_dtype is not None:
+        config_overrides["param_dtype"] = np.dtype(param_dtype).name
     if mesh is None:
         mesh = sharding.make_mesh(devices=jax.local_devices())
     if format == "orbax":
-        return _restore_orbax(path, mesh, config_overrides)
+        return _restore_orbax(path, mesh, rules, config_overrides)
     config, tensors = read_checkpoint(path, format, **config_overrides)
-    if dtype is None:  # keep what the file stores: bfloat16 weights stay bfloat16
-        config = config.replace(param_dtype=np.dtype(tensors["embedder.embedding"].dtype).name)
     stacked = layout.stack_layers(config, tensors, dtype=config.param_dtype)
     return sharding.model_from_arrays(
-        config, mesh, {name: lazy.load for name, lazy in stacked.items()}
+        config,
+        mesh,
+        {name: lazy.load for name, lazy in stacked.items()},
+        rules,
+        model_class=MODEL_KINDS[layout.kind_of(tensors)],
     )
 
 
-def _restore_orbax(path: str, mesh: jax.sharding.Mesh, config_overrides: dict) -> Llama:
-    config = orbax_params.read_config(path, **config_overrides)
+def _restore_orbax(
+    path: str, mesh: jax.sharding.Mesh, rules, config_overrides: dict
+) -> Transformer:
+    config, kind = orbax_params.read_config(path, **config_overrides)
     sharding.check_platform(config, mesh)
-    graphdef, abstract_state = sharding.abstract_model(config)
-    sharding.check_fits_mesh(abstract_state, mesh)
-    flat_shardings = nnx.to_flat_state(sharding.state_shardings(abstract_state, mesh))
+    graphdef, abstract_state = sharding.abstract_model(config, MODEL_KINDS[kind])
+    sharding.check_fits_mesh(abstract_state, mesh, rules)
+    flat_shardings = nnx.to_flat_state(sharding.state_shardings(abstract_state, mesh, rules))
     shardings = {".".join(map(str, key)): variable.get_value() for key, variable in flat_shardings}
     restored = orbax_params.restore_sharded(
-        orbax_params.state_path(path), config, shardings, config.param_dtype
+        orbax_params.state_path(path), config, kind, shardings, config.param_dtype
     )
     placed = [
         (key, variable.replace(restored[".".join(map(str, key))]))
         for key, variable in nnx.to_flat_state(abstract_state)
     ]
     return nnx.merge(graphdef, nnx.from_flat_state(placed))
+
+
+def tokenizer_file(path: str | os.PathLike, format: str) -> str | None:
+    """The checkpoint's `tokenizer.model`: in its directory, or for Meta's layout (one directory
+    per model size, the tokenizer shared beside them) in its parent. None if there is none."""
+    candidates = _tokenizer_candidates(os.fspath(path), format)
+    return next((candidate for candidate in candidates if os.path.isfile(candidate)), None)
+
+
+def _tokenizer_candidates(path: str, format: str) -> list[str]:
+    candidates = [os.path.join(path, TOKENIZER_FILE)]
+    if format == "meta":
+        candidates.append(os.path.normpath(os.path.join(path, os.pardir, TOKENIZER_FILE)))
+    return candidates
+
+
+def load_tokenizer(
+    checkpoint_path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
+) -> Tokenizer:
+    """The `Tokenizer` at `tokenizer_path`, else the checkpoint's own (`tokenizer_file`)."""
+    # The data package brings grain along; importing it here keeps loading weights light.
+    from llama2_jax.data.tokenizer import Tokenizer
+
+    checkpoint_path = os.fspath(checkpoint_path)
+    format = detect_format(checkpoint_path)
+    if tokenizer_path:
+        return Tokenizer(tokenizer_path)
+    found = tokenizer_file(checkpoint_path, format)
+    if found is None:
+        raise FileNotFoundError(
+            f"no tokenizer found with checkpoint {checkpoint_path} (looked for "
+            f"{', '.join(_tokenizer_candidates(checkpoint_path, format))}); pass --tokenizer PATH "
+            "to the SentencePiece .model file it was trained with"
+        )
+    return Tokenizer(found)

@@ -1,10 +1,14 @@
 """Meta's Llama 2 checkpoints: `params.json` plus `consolidated.NN.pth`, one file per model-parallel rank.
 
-Each rank holds a slice of every matrix (PAPER.md): wq, wk, wv, w1, w3 and output are split on
+Each rank holds a slice of every matrix (docs/recipe.md): wq, wk, wv, w1, w3 and output are split on
 dim 0 (their output features), wo, w2 and tok_embeddings on dim 1; norms are replicated. Meta's
 RoPE rotates adjacent pairs of each head's q/k features, our model (like HF) rotates halves, so the
 rows of wq and wk are permuted on the way in and back on the way out — the same permutation as HF's
 `convert_llama_weights_to_hf.py`.
+
+The format holds a language model only: there is no reward head, so a reward model goes to Hugging
+Face or orbax instead. Nor can it record a compute dtype (Meta's reference code rejects unknown keys
+in params.json), so a Meta checkpoint computes in the dtype its weights are stored in.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ def _check_shard_count(
     """If every split tensor of the first file is 1/M of its full size and M is not the number of
     files, files are missing (a wrong params.json would not shrink every tensor by the same factor)."""
     implied = set()
-    for key in layout.per_layer_keys(config)[: 1 + len(layout.LAYER_PARAMS)]:
+    for key in layout.per_layer_keys(config, "llama")[: 1 + len(layout.LAYER_PARAMS)]:
         axis = SPLIT_AXIS[layout.param_name(key)]
         if axis is None or meta_name(key) not in first_shard:
             continue
@@ -140,12 +144,18 @@ def read_meta(
         params = json.load(file)
     files = shard_files(path)
     shards = [read_pth(f) for f in files]
+    if "tok_embeddings.weight" not in shards[0]:
+        raise ValueError(f"{files[0]}: tensor tok_embeddings.weight is missing from the checkpoint")
+    embedding = shards[0]["tok_embeddings.weight"]
     if params.get("vocab_size", -1) <= 0:  # Meta's own files say -1: the embedding knows
-        params["vocab_size"] = shards[0]["tok_embeddings.weight"].shape[0]
-    config = LlamaConfig.from_meta_params(params, **config_overrides)
+        params["vocab_size"] = embedding.shape[0]
+    storage_dtype = np.dtype(embedding.dtype).name
+    config = LlamaConfig.from_meta_params(
+        params, **{"param_dtype": storage_dtype, "compute_dtype": storage_dtype, **config_overrides}
+    )
     _check_shard_count(config, files, shards[0])
     tensors = {}
-    for key in layout.per_layer_keys(config):
+    for key in layout.per_layer_keys(config, "llama"):
         name = meta_name(key)
         for file_name, shard in zip(files, shards):
             if name not in shard:
@@ -199,6 +209,12 @@ def write_meta(
 ) -> None:
     """Write `params.json` and `shards` consolidated.NN.pth files that Meta's code loads."""
     path = os.fspath(path)
+    kind = layout.kind_of(tensors)
+    if kind != "llama":
+        raise ValueError(
+            f"Meta's format holds language models only and this is a {kind} model "
+            f"({layout.HEADS[kind]}); export it as hf (LlamaForSequenceClassification) or orbax"
+        )
     _check_splittable(config, shards)
     os.makedirs(path, exist_ok=True)
     params = config.to_meta_params()
@@ -209,7 +225,7 @@ def write_meta(
     with open(os.path.join(path, PARAMS_FILE), "w") as file:
         json.dump(params, file, indent=2)
     full = {}
-    for key in layout.per_layer_keys(config):
+    for key in layout.per_layer_keys(config, kind):
         weight = layout.to_torch(config, key, as_lazy(tensors[key]))
         heads = _rope_heads(config, key)
         if heads is not None:

@@ -2,7 +2,9 @@
 
 Two layouts are read. The one `convert --to orbax` writes:
 
-    model_config.json   LlamaConfig.to_dict()
+    model_config.json   LlamaConfig.to_dict() (param and compute dtype included) plus "kind",
+                        the model class's name in llama2_jax.model.llama.MODEL_KINDS
+                        (a file without it is a language model, "llama")
     state/              orbax tree {"params": the `nnx.state(model, nnx.Param)` pure dict}, e.g.
                         params["layers"]["attention"]["wq"] is [L, dim, heads, head_dim]
 
@@ -27,6 +29,7 @@ from llama2_jax.checkpoint.manager import STATE_ITEM, checkpoint_dir
 from llama2_jax.model.config import LlamaConfig
 
 CONFIG_FILE = "model_config.json"
+KIND_KEY = "kind"
 STATE_DIR = "state"
 PARAMS_KEY = "params"
 
@@ -38,9 +41,18 @@ def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
     )
 
 
-def read_config(path: str | os.PathLike, **overrides: Any) -> LlamaConfig:
+def read_config(path: str | os.PathLike, **overrides: Any) -> tuple[LlamaConfig, str]:
+    """The model's config and kind from `model_config.json`."""
     with open(os.path.join(path, CONFIG_FILE)) as file:
-        return LlamaConfig.from_dict({**json.load(file), **overrides})
+        fields = json.load(file)
+    kind = fields.pop(KIND_KEY, "llama")
+    layout.check_kind(kind)
+    return LlamaConfig.from_dict({**fields, **overrides}), kind
+
+
+def write_config(path: str | os.PathLike, config: LlamaConfig, kind: str) -> None:
+    with open(os.path.join(path, CONFIG_FILE), "w") as file:
+        json.dump({**config.to_dict(), KIND_KEY: kind}, file, indent=2)
 
 
 def state_path(path: str | os.PathLike) -> str:
@@ -86,20 +98,18 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def stacked_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    shapes = layout.our_shapes(config)
-    return {
-        **{name: shapes[name] for name in layout.GLOBAL_PARAMS},
-        **{f"layers.{name}": (config.n_layers, *shapes[name]) for name in layout.LAYER_PARAMS},
-    }
-
-
-def check_tree(config: LlamaConfig, params_path: str, found: Mapping[str, tuple[int, ...]]) -> None:
-    """One clear error if the saved tree is not this config's model."""
-    expected = stacked_shapes(config)
+def check_tree(
+    config: LlamaConfig, kind: str, params_path: str, found: Mapping[str, tuple[int, ...]]
+) -> None:
+    """One clear error if the saved tree is not this config's model of this kind."""
+    expected = layout.stacked_shapes(config, kind)
     missing = sorted(set(expected) - set(found))
     if missing:
-        raise ValueError(f"{params_path}: parameters {missing} are missing")
+        raise ValueError(
+            f"{params_path}: parameters {missing} of a {kind} model are missing (it holds "
+            f"{sorted(set(found) - set(expected)) or 'nothing else'}); check {CONFIG_FILE}'s "
+            f"{KIND_KEY!r} and shape fields"
+        )
     for key, shape in expected.items():
         if tuple(found[key]) != shape:
             raise ValueError(
@@ -128,29 +138,37 @@ def _restore_params(path: str, restore_args: dict, item: dict | None = None) -> 
     return flatten(restored[PARAMS_KEY])
 
 
-def restore_numpy(path: str, config: LlamaConfig) -> dict[str, np.ndarray]:
+def restore_numpy(path: str, config: LlamaConfig, kind: str) -> dict[str, np.ndarray]:
     """Every parameter as a host numpy array (dotted stacked names), shapes checked against the config."""
-    shapes = saved_shapes(path)
-    check_tree(config, path, shapes)
+    check_tree(config, kind, path, saved_shapes(path))
     return _restore_params(
         path,
-        nest({key: ocp.RestoreArgs(restore_type=np.ndarray) for key in stacked_shapes(config)}),
+        nest(
+            {
+                key: ocp.RestoreArgs(restore_type=np.ndarray)
+                for key in layout.stacked_shapes(config, kind)
+            }
+        ),
     )
 
 
 def restore_sharded(
-    path: str, config: LlamaConfig, shardings: Mapping[str, jax.sharding.Sharding], dtype
+    path: str,
+    config: LlamaConfig,
+    kind: str,
+    shardings: Mapping[str, jax.sharding.Sharding],
+    dtype,
 ) -> dict[str, jax.Array]:
     """Every parameter restored directly into its shards on the mesh, cast to `dtype`."""
-    shapes = saved_shapes(path)
-    check_tree(config, path, shapes)
+    check_tree(config, kind, path, saved_shapes(path))
+    shapes = layout.stacked_shapes(config, kind)
     restore_args = nest(
         {key: ocp.ArrayRestoreArgs(sharding=shardings[key], dtype=dtype) for key in shapes}
     )
     item = nest(
         {
             key: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[key])
-            for key, shape in stacked_shapes(config).items()
+            for key, shape in shapes.items()
         }
     )
     return _restore_params(path, restore_args, item)
@@ -160,20 +178,21 @@ def read_orbax_params(
     path: str | os.PathLike, **config_overrides: Any
 ) -> tuple[LlamaConfig, dict[str, LazyArray]]:
     """Config and per-layer tensors (views into the restored host arrays)."""
-    config = read_config(path, **config_overrides)
-    arrays = restore_numpy(state_path(path), config)
+    config, kind = read_config(path, **config_overrides)
+    arrays = restore_numpy(state_path(path), config, kind)
     return config, layout.unstack_layers(config, arrays)
 
 
 def save_params(path: str | os.PathLike, config: LlamaConfig, arrays: Mapping[str, Any]) -> None:
-    """Save params (dotted stacked names -> numpy or jax arrays) and their config in our layout."""
+    """Save params (dotted stacked names -> numpy or jax arrays) and their config in our layout;
+    the kind is the model's whose head `arrays` hold."""
     path = os.path.abspath(path)
+    kind = layout.kind_of(arrays)
     os.makedirs(path, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(path, STATE_DIR), {PARAMS_KEY: nest(dict(arrays))})
     checkpointer.wait_until_finished()
-    with open(os.path.join(path, CONFIG_FILE), "w") as file:
-        json.dump(config.to_dict(), file, indent=2)
+    write_config(path, config, kind)
 
 
 def write_orbax_params(

@@ -13,7 +13,8 @@ A dialog is a list of messages `{"role": "system" | "user" | "assistant", "conte
   as unsafe; here it is an error), so no message can forge a turn boundary.
 
 A dialog that ends with an assistant turn is a training example: `encode_dialog` then also returns a
-loss mask that is 1 exactly on the answers' tokens and their EOS.
+loss mask that is 1 exactly on the answers' tokens and their EOS — on the answers whose message does
+not say `"train": False` (Ghost Attention data trains only the last answer of a dialog).
 """
 
 from __future__ import annotations
@@ -108,7 +109,7 @@ def encode_dialog(tokenizer: ChatTokenizer, messages: Sequence[Message]) -> Enco
     """Token ids of `messages` in the Llama 2 chat format (see the module docstring).
 
     Ending with a user turn gives a generation prompt (`loss_mask` None); ending with an assistant turn
-    gives a training example whose mask is 1 on each answer's tokens and its EOS, 0 elsewhere.
+    gives a training example whose mask is 1 on each trained answer's tokens and its EOS, 0 elsewhere.
     """
     validate_dialog(messages)
     dialog = fold_system_prompt(messages)
@@ -118,11 +119,25 @@ def encode_dialog(tokenizer: ChatTokenizer, messages: Sequence[Message]) -> Enco
         pair_tokens = tokenizer.encode(_pair_text(user, answer), bos=True, eos=True)
         start = _answer_start(tokenizer, user, pair_tokens)
         tokens += pair_tokens
-        loss_mask += [0] * start + [1] * (len(pair_tokens) - start)
+        trained = int(bool(answer.get("train", True)))
+        loss_mask += [0] * start + [trained] * (len(pair_tokens) - start)
     if dialog[-1]["role"] == "assistant":
         return EncodedDialog(tokens=tokens, loss_mask=loss_mask)
     tokens += tokenizer.encode(_prompt_text(dialog[-1]), bos=True, eos=False)
     return EncodedDialog(tokens=tokens, loss_mask=None)
+
+
+def validate_training_dialog(messages: Sequence[Message]) -> None:
+    """Raise ValueError unless `messages` is a dialog to fine-tune on: well formed, ending with an
+    answer, no answer empty."""
+    validate_dialog(messages)
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("a training dialog must end with an assistant answer (the last turn is "
+                         f"{messages[-1]['role']!r}); add the answer or drop the open turn")
+    empty = [index for index, message in enumerate(messages)
+             if message["role"] == "assistant" and not message["content"].strip()]
+    if empty:
+        raise ValueError(f"message(s) {empty}: empty assistant answer; drop the dialog or write the answer")
 
 
 def fit_dialog(

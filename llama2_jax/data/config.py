@@ -4,47 +4,37 @@ from __future__ import annotations
 
 import ml_collections
 
+DATA_DOCS = {
+    "dataset": "shakespeare (bundled), a name for the local files in data.paths, or a dataset already "
+               "prepared in data_dir (mycorpus, local_text/mycorpus, a tfds name)",
+    "data_dir": "tfds data_dir (empty: ~/.cache/llama2_jax/tensorflow_datasets)",
+    "paths": "local files or directories; non-empty: build data.dataset from them on first use",
+    "format": "format of data.paths: text (a document per file), jsonl (a text field), chat, preferences",
+    "text_field": "JSONL field holding the text (format jsonl)",
+    "document_chars": "> 0: cut text files at blank lines into documents of about this many characters",
+    "holdout_fraction": "share of local examples held out as the validation split",
+    "skip_bad_lines": "skip and count malformed JSONL lines and empty files instead of stopping",
+    "train_split": "split the loop trains on",
+    "eval_split": "split evaluations read",
+    "tokenizer_path": "SentencePiece .model (empty: the checkpoint's, else the bundled 4096-piece one)",
+    "seed": "shuffle seed (-1: train.seed)",
+    "shuffle": "shuffle examples (anew every epoch) and packed rows; off only for debugging",
+    "packing_bins": "rows the first-fit packer fills at once (more: less padding; 0: max(local batch, 16))",
+    "worker_threads": "threads that read and tokenize examples",
+    "prefetch_documents": "examples read ahead by those threads",
+    "prefetch_batches": "local batches prepared ahead in a background thread (0: none)",
+    "pretokenize": "tokenize a text dataset once into data.tokenized_dir (or under data_dir) and read ids",
+    "tokenized_dir": "read token ids written by `python -m llama2_jax data tokenize` from here",
+}
+
 
 def default_data_config() -> ml_collections.ConfigDict:
-    """Defaults: the bundled Shakespeare corpus and the bundled 4096-piece tokenizer."""
-    config = ml_collections.ConfigDict()
-    # Dataset name: "shakespeare" (bundled, built on first use), a name for the local files in
-    # `paths` (becomes local_text/NAME, local_chat/NAME or local_preferences/NAME), or any dataset
-    # already prepared in data_dir ("local_text/mycorpus", "my_tfds_dataset/config:1.0.0").
-    config.dataset = "shakespeare"
-    # tfds data_dir; empty: ~/.cache/llama2_jax/tensorflow_datasets.
-    config.data_dir = ""
-    # Local inputs (files or directories); non-empty means: build `dataset` from them on first use.
-    config.paths = ()
-    # Format of `paths`: text (one document per file), jsonl (a text field), chat, preferences.
-    config.format = "text"
-    # JSONL field holding the text when format is jsonl.
-    config.text_field = "text"
-    # > 0: cut text files at blank lines into documents of about this many characters.
-    config.document_chars = 0
-    # Share of local documents held out as the `validation` split (0: no validation split).
-    config.holdout_fraction = 0.0
-    # Skip malformed JSONL lines, records with missing fields and empty files (the build reports
-    # how many) instead of stopping at the first one.
-    config.skip_bad_lines = False
-    # Split names the training loop reads.
-    config.train_split = "train"
-    config.eval_split = "validation"
-    # SentencePiece .model; empty: the bundled Shakespeare tokenizer (4096 pieces).
-    config.tokenizer_path = ""
-    # Shuffle seed; -1 uses the run's seed.
-    config.seed = -1
-    # Shuffle documents (reshuffled every epoch) and packed rows; off only for debugging.
-    config.shuffle = True
-    # Rows the first-fit packer fills at once (more: less padding); 0: max(local batch, 16).
-    config.packing_bins = 0
-    # Threads that read and tokenize documents, and how many documents they read ahead.
-    config.worker_threads = 2
-    config.prefetch_documents = 64
-    # Local batches prepared ahead in a background thread (0: none).
-    config.prefetch_batches = 2
-    # Read token ids from an array_record dataset written by `python -m llama2_jax data tokenize`
-    # (tokenized_dir), or, with pretokenize, write it there (default: under data_dir) on first use.
-    config.pretokenize = False
-    config.tokenized_dir = ""
-    return config
+    """Defaults: the bundled Shakespeare corpus and the bundled 4096-piece tokenizer (DATA_DOCS says
+    what each key means)."""
+    return ml_collections.ConfigDict(dict(
+        dataset="shakespeare", data_dir="", paths=(), format="text", text_field="text",
+        document_chars=0, holdout_fraction=0.0, skip_bad_lines=False, train_split="train",
+        eval_split="validation", tokenizer_path="", seed=-1, shuffle=True, packing_bins=0,
+        worker_threads=2, prefetch_documents=64, prefetch_batches=2, pretokenize=False,
+        tokenized_dir="",
+    ))

@@ -1,13 +1,14 @@
-"""grain loading: shard per host, shuffle, tokenize, split long documents, pack, batch, global arrays.
+"""grain loading for every stage: shard per host, shuffle, encode, pack or pad, batch, global arrays.
 
-    documents (this host's share) -> shuffle(seed), reshuffled each epoch -> tokenize
-      -> chunks of at most seq_len (inputs = tokens[:-1], targets = tokens[1:])
-      -> first-fit packing (segment ids 1, 2, ... per chunk, 0 on padding; positions restart at 0)
-      -> local batch -> jax.make_array_from_process_local_data (batch axis over ("data", "fsdp"))
+    examples (this host's share) -> shuffle(seed), reshuffled each epoch
+      -> the task's encoder: one example -> zero or more pieces (an example it cannot use: none)
+      -> packed (`BatchSpec.packed`): pieces of per-token arrays, first-fit packed into rows of
+         seq_len; segment ids 1, 2, ... per piece and 0 on padding, positions restarting at 0
+         padded: each piece already has a row's shape (the encoder pads it)
+      -> local batch -> global jax.Arrays, the batch axis split as the rules place `batch`
 
-The tokenize step is pluggable: any function from an example to {"tokens": int32[L],
-"loss_weights": float32[L]} (loss_weights[i] weighs the prediction of tokens[i]; SFT zeroes the
-prompt). Every token of every document lands in exactly one packed row; nothing is cut off.
+A task declares its batch with a `BatchSpec` (batch.py): every field's shape per row and dtype. The
+pipeline knows nothing else about the task: text, dialogs and preference pairs all go through it.
 """
 
 from __future__ import annotations
@@ -25,57 +26,11 @@ from jax.sharding import Mesh
 
 from llama2_jax import sharding as sharding_lib
 from llama2_jax.data import sources, tokenized
+from llama2_jax.data.batch import PACKED_FIELDS, BatchSpec, Piece
 from llama2_jax.data.records import DataError
 from llama2_jax.data.tokenizer import Tokenizer
 
-BATCH_FIELDS = ("inputs", "targets", "loss_weights", "positions", "segment_ids")
-TokenizeFn = Callable[[dict[str, Any]], dict[str, np.ndarray]]
-
-
-class TextTokenizeFn:
-    """Example with a text field -> BOS + tokens + EOS, every prediction weighted 1."""
-
-    def __init__(self, tokenizer: Tokenizer, field: str = "text"):
-        self.tokenizer, self.field = tokenizer, field
-
-    def __call__(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
-        text = example[self.field]
-        text = text.decode("utf-8") if isinstance(text, bytes) else text
-        tokens = np.asarray(self.tokenizer.encode(text, bos=True, eos=True), np.int32)
-        return {"tokens": tokens, "loss_weights": np.ones(len(tokens), np.float32)}
-
-
-def pretokenized_example(example: np.ndarray) -> dict[str, np.ndarray]:
-    """The tokenize step for datasets written by `data tokenize` (already BOS ... EOS)."""
-    return {"tokens": example, "loss_weights": np.ones(len(example), np.float32)}
-
-
-class SplitIntoChunks(grain.experimental.FlatMapTransform):
-    """A tokenized document -> (inputs, targets, loss_weights) chunks of at most seq_len."""
-
-    max_fan_out = 1_000_000  # long documents are split, never cut: no real limit on the count
-
-    def __init__(self, seq_len: int):
-        self.seq_len = seq_len
-
-    def flat_map(self, document: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-        tokens, weights = document["tokens"], document["loss_weights"]
-        inputs, targets, target_weights = tokens[:-1], tokens[1:], weights[1:].astype(np.float32)
-        return [
-            {"inputs": inputs[start:start + self.seq_len], "targets": targets[start:start + self.seq_len],
-             "loss_weights": target_weights[start:start + self.seq_len]}
-            for start in range(0, len(inputs), self.seq_len)
-        ]
-
-
-def _to_batch_fields(packed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {
-        "inputs": packed["inputs"].astype(np.int32),
-        "targets": packed["targets"].astype(np.int32),
-        "loss_weights": packed["loss_weights"].astype(np.float32),
-        "positions": packed["inputs_positions"].astype(np.int32),
-        "segment_ids": packed["inputs_segment_ids"].astype(np.int32),
-    }
+Encoder = Callable[[Any], list[Piece]]
 
 
 def load_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
@@ -83,58 +38,75 @@ def load_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
     return Tokenizer(data_config.tokenizer_path or None)
 
 
-def open_documents(data_config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer):
-    """(random-access source, its default tokenize function) for `split` as `data_config` says."""
-    if data_config.pretokenize or data_config.tokenized_dir:
-        source = tokenized.open_split(data_config, split, tokenizer)
-        return source, pretokenized_example
-    builder = open_builder(data_config)
-    return sources.data_source(builder, split), TextTokenizeFn(tokenizer, "text")
+def open_split(data_config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer, *, kind: str):
+    """Random-access examples of `split`. `kind` is what the stage reads (`text`, `chat` or
+    `preferences`); a dataset of another kind is an error naming the stage that reads it."""
+    if kind == "text" and (data_config.pretokenize or data_config.tokenized_dir):
+        return tokenized.open_split(data_config, split, tokenizer)
+    builder = sources.open_builder(data_config)
+    sources.check_kind(builder, kind)
+    return sources.data_source(builder, split)
 
 
-def open_builder(data_config: ml_collections.ConfigDict):
-    """The tfds builder named by the config: local files (built on first use), or a prepared dataset."""
-    if data_config.paths:
-        return sources.build_local_dataset(
-            data_config.dataset, list(data_config.paths), format=data_config.format,
-            data_dir=data_config.data_dir or None, text_field=data_config.text_field,
-            document_chars=data_config.document_chars, holdout_fraction=data_config.holdout_fraction,
-            skip_bad_lines=data_config.skip_bad_lines)
-    return sources.prepared_dataset(data_config.dataset, data_config.data_dir or None)
-
-
-def host_documents(source, *, seed: int, process_index: int, process_count: int,
-                   num_epochs: int | None, shuffle: bool = True) -> grain.MapDataset:
-    """This host's share of the documents (every process_count-th one), shuffled anew each epoch."""
-    documents = grain.MapDataset.source(source)[process_index::process_count]
-    if len(documents) == 0:
-        raise DataError(f"process {process_index} of {process_count} gets no documents: the dataset has "
+def host_examples(source, *, seed: int, process_index: int, process_count: int,
+                  num_epochs: int | None, shuffle: bool = True) -> grain.MapDataset:
+    """This host's share of the examples (every process_count-th one), shuffled anew each epoch."""
+    examples = grain.MapDataset.source(source)[process_index::process_count]
+    if len(examples) == 0:
+        raise DataError(f"process {process_index} of {process_count} gets no examples: the dataset has "
                         f"only {len(source)}; use more data or fewer hosts")
     if shuffle:
-        documents = documents.shuffle(seed=seed)
-    return documents.repeat(num_epochs)
+        examples = examples.shuffle(seed=seed)
+    return examples.repeat(num_epochs)
 
 
-def local_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seq_len: int,
-                  local_batch_size: int, seed: int, split: str = "train", num_epochs: int | None = None,
-                  process_index: int = 0, process_count: int = 1,
-                  tokenize_fn: TokenizeFn | None = None) -> tuple[grain.IterDataset, int]:
-    """The grain dataset of this host's packed numpy batches, and its number of documents per epoch.
+class _Encode(grain.experimental.FlatMapTransform):
+    """The task's encoder as a grain flat-map: an example becomes any number of pieces."""
+
+    max_fan_out = 1_000_000  # a long document becomes many chunks: no real limit on the count
+
+    def __init__(self, encoder: Encoder):
+        self.encoder = encoder
+
+    def flat_map(self, example: Any) -> list[Piece]:
+        return self.encoder(example)
+
+
+def _packed_row(spec: BatchSpec) -> Callable[[Piece], Piece]:
+    per_token = [name for name in spec.fields if name not in PACKED_FIELDS]
+    first = per_token[0]
+
+    def to_fields(packed: Piece) -> Piece:
+        row = {name: packed[name].astype(spec.fields[name].dtype) for name in per_token}
+        row["positions"] = packed[f"{first}_positions"].astype(np.int32)
+        row["segment_ids"] = packed[f"{first}_segment_ids"].astype(np.int32)
+        return row
+
+    return to_fields
+
+
+def local_batches(data_config: ml_collections.ConfigDict, source, spec: BatchSpec, encoder: Encoder, *,
+                  local_batch_size: int, seed: int, num_epochs: int | None = None, process_index: int = 0,
+                  process_count: int = 1) -> tuple[grain.IterDataset, int]:
+    """The grain dataset of this host's numpy batches, and its number of examples per epoch.
 
     `num_epochs` None repeats forever; a finite count ends with a partial batch (padded later).
     """
-    source, default_tokenize = open_documents(data_config, split, tokenizer)
-    documents = host_documents(source, seed=seed, process_index=process_index, process_count=process_count,
-                               num_epochs=num_epochs, shuffle=data_config.shuffle)
+    examples = host_examples(source, seed=seed, process_index=process_index, process_count=process_count,
+                             num_epochs=num_epochs, shuffle=data_config.shuffle)
     read_options = grain.ReadOptions(num_threads=data_config.worker_threads,
                                      prefetch_buffer_size=data_config.prefetch_documents)
-    chunks = grain.experimental.FlatMapIterDataset(
-        documents.map(tokenize_fn or default_tokenize).to_iter_dataset(read_options), SplitIntoChunks(seq_len))
-    packed = grain.experimental.FirstFitPackIterDataset(
-        chunks, length_struct={"inputs": seq_len, "targets": seq_len, "loss_weights": seq_len},
-        num_packing_bins=data_config.packing_bins or max(local_batch_size, 16), seed=seed,
-        shuffle_bins=data_config.shuffle)
-    batches = packed.map(_to_batch_fields).batch(local_batch_size, drop_remainder=False)
+    pieces = grain.experimental.FlatMapIterDataset(examples.to_iter_dataset(read_options), _Encode(encoder))
+    if spec.packed:
+        seq_len = spec.fields[spec.weight_field].shape[0]
+        packed_names = [name for name in spec.fields if name not in PACKED_FIELDS]
+        rows = grain.experimental.FirstFitPackIterDataset(
+            pieces, length_struct={name: seq_len for name in packed_names},
+            num_packing_bins=data_config.packing_bins or max(local_batch_size, 16), seed=seed,
+            shuffle_bins=data_config.shuffle).map(_packed_row(spec))
+    else:
+        rows = pieces
+    batches = rows.batch(local_batch_size, drop_remainder=False)
     if data_config.prefetch_batches > 0:
         batches = grain.experimental.ThreadPrefetchIterDataset(
             batches, prefetch_buffer_size=data_config.prefetch_batches)
@@ -142,22 +114,18 @@ def local_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, 
 
 
 class Batches(Iterator[dict[str, jax.Array]]):
-    """Global training batches; its position saves and restores with the train state.
+    """Global batches with a position: `get_state()` / `set_state()` (what a checkpoint saves)."""
 
-    Save:    ocp.args.Composite(..., data=batches.save_args())
-    Restore: ocp.args.Composite(..., data=batches.restore_args()) (restores in place)
-    """
-
-    def __init__(self, dataset: grain.IterDataset, *, documents_per_epoch: int, seq_len: int,
+    def __init__(self, dataset: grain.IterDataset, spec: BatchSpec, *, examples_per_epoch: int,
                  global_batch_size: int, local_batch_size: int, sharding: jax.sharding.Sharding | None,
                  finite: bool):
         # Held in a list so that at exit the iterator can be closed and dropped while the modules its
         # threads use still exist (grain's own cleanup at interpreter teardown fails noisily).
         self._iterator_holder = [iter(dataset)]
         weakref.finalize(self, _close_iterators, self._iterator_holder)
-        self.documents_per_epoch = documents_per_epoch
-        self.global_shape = (global_batch_size, seq_len)
-        self.local_batch_size, self.seq_len = local_batch_size, seq_len
+        self.spec = spec
+        self.examples_per_epoch = examples_per_epoch
+        self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
         self.sharding, self.finite = sharding, finite
         self._checked_first_batch = False
 
@@ -177,38 +145,41 @@ class Batches(Iterator[dict[str, jax.Array]]):
             exhausted = bool(np.all(multihost_utils.process_allgather(np.array(exhausted))))
         if exhausted:
             raise StopIteration
-        batch = _pad_rows(batch, self.local_batch_size, self.seq_len)
+        batch = self._pad_rows(batch)
         if not self._checked_first_batch:
-            if not np.any(batch["loss_weights"]):
-                raise DataError("the first batch has no tokens to train on; check the dataset and tokenizer")
+            if not np.any(batch[self.spec.weight_field]):
+                raise DataError("the first batch has nothing to train on (every weight is 0); check the "
+                                "dataset, the tokenizer and train.seq_len")
             self._checked_first_batch = True
         return batch
+
+    def _pad_rows(self, batch: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        if batch is None:
+            return self.spec.empty_rows(self.local_batch_size)
+        missing = self.local_batch_size - len(batch[self.spec.weight_field])
+        if missing == 0:
+            return batch
+        padding = self.spec.empty_rows(missing)
+        return {name: np.concatenate([batch[name], padding[name]]) for name in self.spec.fields}
 
     def __next__(self) -> dict[str, jax.Array]:
         local = self.next_local()
         if self.sharding is None:
             return local
-        return {name: jax.make_array_from_process_local_data(self.sharding, array, self.global_shape)
+        return {name: jax.make_array_from_process_local_data(
+                    self.sharding, array, (self.global_batch_size, *array.shape[1:]))
                 for name, array in local.items()}
 
     @property
     def epoch(self) -> float:
-        """Epochs of documents read so far on this host (counts documents already read ahead)."""
-        return _next_document_index(self.grain_iterator.get_state()) / self.documents_per_epoch
+        """Epochs of examples read so far on this host (counts examples already read ahead)."""
+        return _next_example_index(self.grain_iterator.get_state()) / self.examples_per_epoch
 
     def get_state(self) -> dict[str, Any]:
         return self.grain_iterator.get_state()
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.grain_iterator.set_state(state)
-
-    def save_args(self):
-        """orbax args that write this iterator's position (one JSON file per process)."""
-        return grain.checkpoint.CheckpointSave(self.grain_iterator)
-
-    def restore_args(self):
-        """orbax args that restore this iterator's position in place."""
-        return grain.checkpoint.CheckpointRestore(self.grain_iterator)
 
 
 def _close_iterators(holder: list) -> None:
@@ -217,57 +188,57 @@ def _close_iterators(holder: list) -> None:
     holder.clear()
 
 
-def _pad_rows(batch: dict[str, np.ndarray], rows: int, seq_len: int) -> dict[str, np.ndarray]:
-    missing = rows - len(batch["inputs"])
-    if missing == 0:
-        return batch
-    return {name: np.concatenate([array, np.zeros((missing, seq_len), array.dtype)])
-            for name, array in batch.items()}
-
-
-def _next_document_index(state: Any) -> int:
-    # The document source's iterator keeps "next_index"; the stages above it nest its state.
+def _next_example_index(state: Any) -> int:
+    # The example source's iterator keeps "next_index"; the stages above it nest its state.
     if isinstance(state, dict):
         if "next_index" in state:
             return int(state["next_index"])
         for value in state.values():
-            found = _next_document_index(value)
+            found = _next_example_index(value)
             if found >= 0:
                 return found
     return -1
 
 
-def make_batches(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, *, seq_len: int,
-                 global_batch_size: int, mesh: Mesh | None, seed: int, split: str = "train",
-                 num_epochs: int | None = None, tokenize_fn: TokenizeFn | None = None,
-                 process_index: int | None = None, process_count: int | None = None,
-                 rules=sharding_lib.DEFAULT_RULES) -> Batches:
-    """Global batches {inputs, targets, loss_weights, positions, segment_ids}, each [B, T], for `split`.
+def make_batches(data_config: ml_collections.ConfigDict, source, spec: BatchSpec, encoder: Encoder, *,
+                 global_batch_size: int, mesh: Mesh | None, seed: int, num_epochs: int | None = None,
+                 rules=sharding_lib.DEFAULT_RULES, process_index: int | None = None,
+                 process_count: int | None = None) -> Batches:
+    """Global batches of `spec` from `source`, each example turned into pieces by `encoder`.
 
-    Each JAX process reads 1/process_count of the documents and makes global_batch_size/process_count
-    rows; with `mesh` the rows become global jax.Arrays sharded over ("data", "fsdp"), without it
-    the iterator yields this host's numpy batch. `data_config.seed` >= 0 overrides `seed`.
-    `num_epochs` None repeats forever (training); 1 gives one pass (evaluation), the last batch
-    padded with weight-0 rows, all hosts stopping together.
+    Each JAX process reads 1/process_count of the examples and makes global_batch_size/process_count
+    rows; with `mesh` the rows become global jax.Arrays whose batch axis is split as `rules` place
+    `batch`, without it the iterator yields this host's numpy batch. `data_config.seed` >= 0
+    overrides `seed`. `num_epochs` None repeats forever (training); 1 gives one pass (evaluation),
+    the last batch padded with weight-0 rows, all hosts stopping together.
     """
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count:
-        raise ValueError(f"global batch size {global_batch_size} is not divisible by the {process_count} "
-                         "processes; change train.global_batch_size")
-    local_batch_size = global_batch_size // process_count
-    seed = data_config.seed if data_config.seed >= 0 else seed
-    dataset, documents = local_batches(
-        data_config, tokenizer, seq_len=seq_len, local_batch_size=local_batch_size, seed=seed, split=split,
-        num_epochs=num_epochs, process_index=process_index, process_count=process_count,
-        tokenize_fn=tokenize_fn)
-    sharding = sharding_lib.batch_sharding(mesh, rules) if mesh is not None else None
-    if sharding is not None:
+        raise DataError(f"global batch size {global_batch_size} is not divisible by the {process_count} "
+                        "processes; change train.global_batch_size")
+    sharding = None
+    if mesh is not None:
+        sharding = sharding_lib.batch_sharding(mesh, rules)
         batch_shards = sharding_lib.batch_shard_count(mesh, rules)
         if global_batch_size % batch_shards:
-            raise ValueError(f"global batch size {global_batch_size} is not divisible by data x fsdp = "
-                             f"{batch_shards} (the batch shards of mesh {dict(mesh.shape)}); change "
-                             "train.global_batch_size or the mesh")
-    return Batches(dataset, documents_per_epoch=documents, seq_len=seq_len,
-                   global_batch_size=global_batch_size, local_batch_size=local_batch_size,
-                   sharding=sharding, finite=num_epochs is not None)
+            raise DataError(f"global batch size {global_batch_size} is not divisible by the {batch_shards} "
+                            f"batch shards of mesh {dict(mesh.shape)}; change train.global_batch_size or "
+                            "the mesh")
+    local_batch_size = global_batch_size // process_count
+    seed = data_config.seed if data_config.seed >= 0 else seed
+    dataset, examples = local_batches(
+        data_config, source, spec, encoder, local_batch_size=local_batch_size, seed=seed,
+        num_epochs=num_epochs, process_index=process_index, process_count=process_count)
+    return Batches(dataset, spec, examples_per_epoch=examples, global_batch_size=global_batch_size,
+                   local_batch_size=local_batch_size, sharding=sharding, finite=num_epochs is not None)
+
+
+def packed_rows(piece_lengths, seq_len: int, packing_bins: int, seed: int) -> int:
+    """How many rows the first-fit packer makes of pieces of these lengths (in this order): the
+    rows of one epoch, which a stage trained by epochs turns into steps."""
+    pieces = grain.MapDataset.source([{"inputs": np.zeros(length, np.int32)} for length in piece_lengths])
+    rows = grain.experimental.FirstFitPackIterDataset(
+        pieces.to_iter_dataset(), length_struct={"inputs": seq_len}, num_packing_bins=packing_bins, seed=seed,
+        shuffle_bins=False)
+    return sum(1 for _ in rows)

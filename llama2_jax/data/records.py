@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from llama2_jax.data.chat import validate_training_dialog
 from llama2_jax.data.tokenizer import expand_text_files
 
 # The paper's four preference levels, strongest first; a record's `rating` is an index into this.
@@ -138,15 +139,22 @@ def parse_text_record(record: dict[str, Any], text_field: str = "text") -> dict[
 
 
 def parse_chat_record(record: dict[str, Any]) -> dict[str, Any]:
-    """{"messages": [{"role", "content"}, ...]} from `messages` (role/content) or the common
-    `conversations` (from/value) shape; roles human/gpt become user/assistant."""
+    """{"messages": [{"role", "content", "train"}, ...]} from `messages` (role/content) or the common
+    `conversations` (from/value) shape; roles human/gpt become user/assistant. The dialog must be one
+    to fine-tune on (llama2_jax.data.chat.validate_training_dialog); `train` (default true) says
+    whether an answer is trained on."""
     if "messages" in record:
         messages = record["messages"]
     elif "conversations" in record:
         messages = record["conversations"]
     else:
         raise DataError(f"no 'messages' or 'conversations' field (fields: {', '.join(record) or 'none'})")
-    return {"messages": _messages(messages)}
+    messages = _messages(messages)
+    try:
+        validate_training_dialog(messages)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    return {"messages": messages}
 
 
 def parse_preference_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -158,6 +166,7 @@ def parse_preference_record(record: dict[str, Any]) -> dict[str, Any]:
     if "prompt" in record:
         prompt = record["prompt"]
         prompt = _messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+        prompt = [{"role": message["role"], "content": message["content"]} for message in prompt]
         chosen_answer, rejected_answer = _answer(chosen, "chosen"), _answer(rejected, "rejected")
     else:
         prompt, chosen_answer = _split_hh_transcript(chosen, "chosen")
@@ -213,7 +222,10 @@ def _messages(messages: Any) -> list[dict[str, str]]:
             raise DataError(f"unknown role {role!r}; expected system, user or assistant")
         if not isinstance(content, str):
             raise DataError(f"message content must be a string, got {content!r}")
-        result.append({"role": _ROLE_ALIASES[str(role).lower()], "content": content})
+        train = message.get("train", True)
+        if not isinstance(train, bool):
+            raise DataError(f"a message's 'train' must be true or false, got {train!r}")
+        result.append({"role": _ROLE_ALIASES[str(role).lower()], "content": content, "train": train})
     return result
 
 

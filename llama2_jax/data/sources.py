@@ -31,6 +31,7 @@ from llama2_jax.data import records
 from llama2_jax.data.records import DataError, LineReport
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "shakespeare"
+DEMO_DATA = Path(__file__).resolve().parent.parent / "assets" / "demo"
 DEFAULT_DATA_DIR = Path("~/.cache/llama2_jax/tensorflow_datasets").expanduser()
 FORMATS = ("text", "jsonl", "chat", "preferences")
 _BUILDER_OF_FORMAT = {"text": "local_text", "jsonl": "local_text", "chat": "local_chat",
@@ -119,16 +120,21 @@ class LocalText(_LocalBuilder):
 
 
 _MESSAGES = tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})
+# Dialogs to fine-tune on also say which answers are trained on (Ghost Attention trains only the last).
+_TRAINING_MESSAGES = tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text(),
+                                             "train": tfds.features.Scalar(np.int32)})
 
 
 class LocalChat(_LocalBuilder):
     """JSONL dialogs, one per line."""
 
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.1.0": "Messages say whether they are trained on.", "1.0.0": "First version."}
     BUILDER_CONFIGS = [LocalConfig(name="default", format="chat")]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({"messages": _MESSAGES}),
+            features=tfds.features.FeaturesDict({"messages": _TRAINING_MESSAGES}),
             metadata=self._metadata(), description="Local chat dialogs.")
 
     def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -175,6 +181,43 @@ class Shakespeare(LocalText):
         return {"skipped_lines": 0}  # the corpus path is machine specific; nothing to compare
 
 
+class _BundledSplits:
+    """A bundled demo dataset whose splits are files of their own (llama2_jax/assets/demo)."""
+
+    SPLIT_FILES: dict[str, str] = {}
+
+    def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
+        del dl_manager  # everything is bundled
+        self._report = LineReport()
+        parse = records.parse_chat_record if isinstance(self, LocalChat) else records.parse_preference_record
+        self.info.metadata.update(self._build_metadata())
+        return {split: iter(list(records.parse_records([DEMO_DATA / name], parse, report=self._report)))
+                for split, name in self.SPLIT_FILES.items()}
+
+    def _build_metadata(self) -> dict[str, Any]:
+        return {"skipped_lines": 0}  # the bundled path is machine specific; nothing to compare
+
+
+class ShakespeareDialogs(_BundledSplits, LocalChat):
+    """Demo dialogs about the corpus's lines, speakers and plays, to fine-tune on."""
+
+    BUILDER_CONFIGS = [LocalConfig(name="demo", format="chat")]
+    SPLIT_FILES = {"train": "dialogs_train.jsonl", "validation": "dialogs_validation.jsonl"}
+
+
+class ShakespearePreferences(_BundledSplits, LocalPreferences):
+    """Demo preference pairs, four rating levels and safety labels, for the reward models."""
+
+    BUILDER_CONFIGS = [LocalConfig(name="demo", format="preferences")]
+    SPLIT_FILES = {"train": "preferences_train.jsonl", "validation": "preferences_validation.jsonl"}
+
+
+_BUILDER_CLASSES = {"local_text": LocalText, "local_chat": LocalChat, "local_preferences": LocalPreferences}
+# Datasets bundled with the package, built on first use (llama2_jax/assets/demo/README.md).
+BUNDLED = {"shakespeare": Shakespeare, "shakespeare_dialogs": ShakespeareDialogs,
+           "shakespeare_preferences": ShakespearePreferences}
+
+
 @contextlib.contextmanager
 def build_lock(data_dir: Path) -> Iterator[None]:
     """Exclusive file lock in `data_dir`, so that processes starting together build a dataset once."""
@@ -202,8 +245,7 @@ def build_local_dataset(name: str, paths: Sequence[str | os.PathLike], *, format
     config = LocalConfig(name=name, paths=absolute_paths, format=format, text_field=text_field,
                          document_chars=document_chars, holdout_fraction=holdout_fraction,
                          skip_bad_lines=skip_bad_lines)
-    builder_class = {"local_text": LocalText, "local_chat": LocalChat,
-                     "local_preferences": LocalPreferences}[_BUILDER_OF_FORMAT[format]]
+    builder_class = _BUILDER_CLASSES[_BUILDER_OF_FORMAT[format]]
     builder = _prepare(builder_class, config, data_dir)
     stored = dict(builder.info.metadata or {})
     if stored.get("paths") != list(absolute_paths) or stored.get("format") != format:
@@ -213,9 +255,9 @@ def build_local_dataset(name: str, paths: Sequence[str | os.PathLike], *, format
     return builder
 
 
-def bundled_dataset(data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
-    """The Shakespeare dataset, built on first use."""
-    return _prepare(Shakespeare, None, data_dir)
+def bundled_dataset(name: str = "shakespeare", data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
+    """A bundled dataset (BUNDLED), built on first use."""
+    return _prepare(BUNDLED[name], None, data_dir)
 
 
 def _prepare(builder_class: type, config: LocalConfig | None,
@@ -232,20 +274,62 @@ def _prepare(builder_class: type, config: LocalConfig | None,
 
 
 def prepared_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tfds.core.DatasetBuilder:
-    """The builder of dataset `name` ("shakespeare", "local_text/mycorpus", "some_tfds_name/config:1.0.0")
-    already prepared in `data_dir` (the bundled corpus is built if needed)."""
-    if name == "shakespeare":
-        return bundled_dataset(data_dir)
-    data_dir = str(Path(data_dir or DEFAULT_DATA_DIR).expanduser())
+    """The builder of dataset `name` already prepared in `data_dir`: a bundled one (built if needed),
+    a local dataset by its bare name ("mycorpus") or in full ("local_text/mycorpus"), or any tfds
+    dataset prepared there ("some_tfds_name/config:1.0.0")."""
+    if name in BUNDLED:
+        return bundled_dataset(name, data_dir)
+    data_dir = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
+    if "/" not in name:
+        local = [builder for builder in _BUILDER_CLASSES if (data_dir / builder / name).is_dir()]
+        if len(local) > 1:
+            raise DataError(f"{name!r} names several local datasets in {data_dir} ({', '.join(local)}); "
+                            f"give the full name, e.g. {local[0]}/{name}")
+        if local:
+            name = f"{local[0]}/{name}"
     try:
-        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-    except Exception as error:  # tfds raises several types for an unknown or unprepared name
-        raise DataError(f"dataset {name!r} is not prepared in {data_dir} ({error}); build it with "
-                        "`python -m llama2_jax data build` or `tfds build`, or set data.data_dir") from error
-    if not builder.is_prepared():
+        builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
+        prepared = builder.is_prepared()
+    except Exception:  # tfds raises several types (and lists its whole catalogue) for an unknown name
+        prepared = False
+    if not prepared:
         raise DataError(f"dataset {name!r} is not prepared in {data_dir}; build it with "
-                        "`python -m llama2_jax data build` (local files) or `tfds build --file_format=array_record`")
+                        "`python -m llama2_jax data build --name NAME --input FILES`, or set data.paths "
+                        "to build it on first use, or data.data_dir to where it is")
     return builder
+
+
+def open_builder(data_config) -> tfds.core.DatasetBuilder:
+    """The builder the `data` config section names: local files (built on first use) or a prepared dataset."""
+    if data_config.paths:
+        return build_local_dataset(
+            data_config.dataset, list(data_config.paths), format=data_config.format,
+            data_dir=data_config.data_dir or None, text_field=data_config.text_field,
+            document_chars=data_config.document_chars, holdout_fraction=data_config.holdout_fraction,
+            skip_bad_lines=data_config.skip_bad_lines)
+    return prepared_dataset(data_config.dataset, data_config.data_dir or None)
+
+
+# The feature that tells a dataset's kind, and the command that trains on that kind.
+KINDS = {"text": ("text", "train"), "chat": ("messages", "sft"), "preferences": ("chosen", "reward")}
+
+
+def dataset_kind(builder: tfds.core.DatasetBuilder) -> str | None:
+    features = builder.info.features
+    return next((kind for kind, (feature, _) in KINDS.items() if feature in features), None)
+
+
+def check_kind(builder: tfds.core.DatasetBuilder, kind: str) -> None:
+    """A DataError naming the right command when a stage is given another kind of dataset."""
+    found = dataset_kind(builder)
+    if found == kind:
+        return
+    name = f"{builder.name}/{builder.builder_config.name if builder.builder_config else ''}".rstrip("/")
+    if found is None:
+        raise DataError(f"dataset {name} has none of the features {', '.join(f for f, _ in KINDS.values())}; "
+                        f"this stage reads {kind} data")
+    raise DataError(f"dataset {name} holds {found} data, but this stage reads {kind} data; train on it "
+                    f"with `python -m llama2_jax {KINDS[found][1]}`")
 
 
 def data_source(builder: tfds.core.DatasetBuilder, split: str):

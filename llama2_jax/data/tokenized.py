@@ -22,6 +22,7 @@ import grain
 from llama2_jax.data import sources
 from llama2_jax.data.records import DataError
 from llama2_jax.data.tokenizer import Tokenizer
+from llama2_jax.metrics import Progress
 
 METADATA_FILE = "tokenized.json"
 _ENCODE_BATCH = 256  # documents per SentencePiece call (it threads within a call)
@@ -69,12 +70,15 @@ def write_tokenized(builder, tokenizer: Tokenizer, root: str | os.PathLike,
         temporary = root / f".{split}.array_record.partial"
         writer = ArrayRecordWriter(str(temporary), "group_size:1")
         documents = tokens = 0
+        progress = Progress(len(source), unit=f"{split} document")
         for start in range(0, len(source), _ENCODE_BATCH):
             examples = source.__getitems__(range(start, min(start + _ENCODE_BATCH, len(source))))
             texts = [example["text"].decode("utf-8") for example in examples]
             for ids in tokenizer.encode_batch(texts, bos=True, eos=True):
                 writer.write(np.asarray(ids, dtype).tobytes())
                 documents, tokens = documents + 1, tokens + len(ids)
+            progress.update(documents)
+        progress.close()
         writer.close()
         temporary.rename(root / f"{split}.array_record")  # a crash leaves no half-written split
         metadata["splits"][split] = {"documents": documents, "tokens": tokens}
@@ -84,8 +88,6 @@ def write_tokenized(builder, tokenizer: Tokenizer, root: str | os.PathLike,
 
 def open_split(data_config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer) -> TokenSource:
     """The token ids of `split`: from data.tokenized_dir, or (pretokenize) written on first use."""
-    from llama2_jax.data.pipeline import open_builder  # the pipeline imports this module
-
     root = Path(data_config.tokenized_dir).expanduser() if data_config.tokenized_dir else default_root(
         data_config, tokenizer)
     if not (root / METADATA_FILE).exists():
@@ -94,7 +96,7 @@ def open_split(data_config: ml_collections.ConfigDict, split: str, tokenizer: To
                             "`python -m llama2_jax data tokenize` or set data.pretokenize")
         with sources.build_lock(root.parent):
             if not (root / METADATA_FILE).exists():
-                write_tokenized(open_builder(data_config), tokenizer, root)
+                write_tokenized(sources.open_builder(data_config), tokenizer, root)
     metadata = json.loads((root / METADATA_FILE).read_text())
     if metadata["tokenizer_sha256"] != tokenizer_fingerprint(tokenizer):
         raise DataError(f"{root} was tokenized with another tokenizer than {tokenizer.path}; "

@@ -1,4 +1,4 @@
-"""Model shapes: the paper's sizes (PAPER.md), small presets for tests and the demo, any custom shape."""
+"""Model shapes: the paper's sizes (docs/recipe.md), small presets for tests and the demo, any custom shape."""
 
 from __future__ import annotations
 
@@ -6,7 +6,14 @@ import dataclasses
 from typing import Any
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
-REMAT_POLICIES = ("none", "minimal", "save_dots", "save_dots_no_batch", "full")
+# What the backward pass keeps from the forward pass of a block instead of recomputing it: the name of a
+# `jax.checkpoint_policies` policy, or None for no rematerialisation at all.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation
+    "minimal": "dots_with_no_batch_dims_saveable",  # keep the weight matmuls' outputs, recompute the rest
+    "save_dots": "dots_saveable",  # keep every matmul's output, attention scores included
+    "full": "nothing_saveable",  # keep only each block's input
+}
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -57,7 +64,7 @@ class LlamaConfig:
                 f"attention={self.attention!r}; choose one of {ATTENTION_IMPLEMENTATIONS}"
             )
         if self.remat not in REMAT_POLICIES:
-            problems.append(f"remat={self.remat!r}; choose one of {REMAT_POLICIES}")
+            problems.append(f"remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
         if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len) <= 0:
             problems.append("vocab_size, dim, n_layers, n_heads and max_seq_len must be positive")
         if problems:
@@ -125,7 +132,11 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any], **overrides: Any) -> "LlamaConfig":
-        """Hugging Face stores the FFN width itself; find Meta's (multiple_of, multiplier) that give it."""
+        """Hugging Face stores the FFN width itself; find Meta's (multiple_of, multiplier) that give it.
+
+        The dtype HF runs the model in (`dtype`, `torch_dtype` before transformers 5) is our
+        compute dtype; a file that names none leaves it to `overrides` (the storage dtype: hf.py).
+        """
         dim, ffn_dim = hf["hidden_size"], hf["intermediate_size"]
         multiple_of, multiplier = _meta_ffn_parameters(dim, ffn_dim)
         fields = dict(
@@ -140,6 +151,9 @@ class LlamaConfig:
             rope_theta=hf.get("rope_theta", 10000.0),
             max_seq_len=hf.get("max_position_embeddings", 4096),
         )
+        hf_dtype = hf.get("dtype") or hf.get("torch_dtype")
+        if hf_dtype:
+            fields["compute_dtype"] = _hf_dtype_name(hf_dtype)
         return cls(**{**fields, **overrides})
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -162,8 +176,21 @@ class LlamaConfig:
             "mlp_bias": False,
             "bos_token_id": 1,
             "eos_token_id": 2,
-            "torch_dtype": "float32" if self.param_dtype == "float32" else "bfloat16",
+            # What HF runs the model in, i.e. our compute dtype; transformers < 5 reads "torch_dtype".
+            "dtype": self.compute_dtype,
+            "torch_dtype": self.compute_dtype,
         }
+
+
+HF_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _hf_dtype_name(hf_dtype: str) -> str:
+    """`bfloat16` or `torch.bfloat16` (older exporters) -> `bfloat16`."""
+    name = str(hf_dtype).removeprefix("torch.")
+    if name not in HF_DTYPES:
+        raise ValueError(f"Hugging Face dtype {hf_dtype!r} is not one of {HF_DTYPES}")
+    return name
 
 
 def _meta_ffn_parameters(dim: int, ffn_dim: int) -> tuple[int, float | None]:

@@ -14,14 +14,8 @@ from flax import nnx, struct
 
 from llama2_jax.model import axes
 from llama2_jax.model.attention import dot_product_attention
-from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.config import REMAT_POLICIES, LlamaConfig
 from llama2_jax.model.rope import apply_rope
-
-REMAT_POLICIES = {
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
 
 def _param(rngs: nnx.Rngs, shape, dtype, logical_axes, stddev=0.02) -> nnx.Param:
     init = nnx.initializers.normal(stddev=stddev)
@@ -216,9 +210,10 @@ class Transformer(nnx.Module):
                 stacked_cache = (layer_cache.keys, layer_cache.values)
             return (h, stacked_cache), None
 
-        if self.config.remat != "none":
+        policy = REMAT_POLICIES[self.config.remat]
+        if policy is not None:
             one_block = jax.checkpoint(
-                one_block, policy=REMAT_POLICIES[self.config.remat], prevent_cse=False
+                one_block, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False
             )
         stacked = None if cache is None else (cache.keys, cache.values)
         layer_indices = jnp.arange(self.config.n_layers)
@@ -322,6 +317,18 @@ class LlamaRewardModel(Transformer):
         final = jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
         kernel = self.score.kernel[...].astype(jnp.float32)
         return (final.astype(jnp.float32) @ kernel)[:, 0]
+
+
+# The model classes a checkpoint can hold, by the name written into it.
+MODEL_KINDS: dict[str, type[Transformer]] = {"llama": Llama, "reward": LlamaRewardModel}
+
+
+def model_kind(model_class: type) -> str:
+    """The name under which `model_class` is saved (see MODEL_KINDS)."""
+    for kind, known in MODEL_KINDS.items():
+        if model_class is known:
+            return kind
+    raise ValueError(f"{model_class.__name__} is not a saved model kind; known: {sorted(MODEL_KINDS)}")
 
 
 def _default_positions(tokens: jax.Array, positions: jax.Array | None) -> jax.Array:

@@ -1,6 +1,6 @@
 """The paper's optimizer: AdamW behind global-norm clipping, on a warmup + cosine schedule.
 
-Llama 2 pretraining (PAPER.md): AdamW β1 0.9, β2 0.95, eps 1e-5, weight decay 0.1, gradients clipped
+Llama 2 pretraining (docs/recipe.md): AdamW β1 0.9, β2 0.95, eps 1e-5, weight decay 0.1, gradients clipped
 to global norm 1.0, the learning rate warmed up linearly from 0 for 2000 steps and then cosine-decayed
 to 10 % of its peak. SFT and the reward models reuse it with their own peak, warmup and length.
 
@@ -16,11 +16,12 @@ from typing import Any
 import jax
 import optax
 
-# The paper's pretraining optimizer (PAPER.md), in the shape of the config's `optimizer` section.
+# The paper's pretraining optimizer (docs/recipe.md), in the shape of the config's `optimizer` section.
 PAPER_OPTIMIZER = dict(
     peak_lr=3e-4,  # 7B and 13B; 1.5e-4 for 34B and 70B
     end_lr_fraction=0.1,  # cosine decays to this fraction of peak_lr
     warmup_steps=2000,
+    warmup_fraction=0.0,  # warmup is at least this share of the schedule (the reward models: 3 %)
     decay_steps=0,  # length of warmup + cosine; 0: the run's length (train.steps)
     b1=0.9,
     b2=0.95,
@@ -72,16 +73,14 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with clipping and the warmup + cosine schedule, from the config's `optimizer` section.
 
-    Keys used: peak_lr, end_lr_fraction, warmup_steps, decay_steps (0: `total_steps`), b1, b2,
-    eps, weight_decay, clip_norm. Returns the optimizer and its schedule (the loop logs the
-    learning rate from it).
+    Keys used: peak_lr, end_lr_fraction, warmup_steps and warmup_fraction (the warmup is the
+    larger of the two), decay_steps (0: `total_steps`), b1, b2, eps, weight_decay, clip_norm.
+    Returns the optimizer and its schedule (the loop logs the learning rate from it).
     """
+    length = optimizer_config["decay_steps"] or total_steps
+    warmup_steps = max(optimizer_config["warmup_steps"], round(optimizer_config["warmup_fraction"] * length))
     schedule = learning_rate_schedule(
-        optimizer_config["peak_lr"],
-        optimizer_config["warmup_steps"],
-        optimizer_config["decay_steps"] or total_steps,
-        optimizer_config["end_lr_fraction"],
-    )
+        optimizer_config["peak_lr"], warmup_steps, length, optimizer_config["end_lr_fraction"])
     optimizer = optax.chain(
         optax.clip_by_global_norm(optimizer_config["clip_norm"]),
         optax.adamw(

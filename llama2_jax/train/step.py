@@ -1,4 +1,5 @@
-"""The update step and the evaluation step: pure functions of (state, batch), jitted by the loop.
+"""The update step and the evaluation step of a Task, built and jitted in one place for the loop,
+`aot` and `bench` alike (`build_steps`).
 
 Gradient accumulation runs inside the step. A global batch of k·b rows is viewed as k micro-batches
 of b rows, micro-batch j taking rows j, j+k, j+2k, …: with the batch sharded in contiguous blocks
@@ -9,17 +10,24 @@ the step divides by the total weight once, so k micro-batches equal one batch k 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llama2_jax import metrics, sharding
 from llama2_jax.model import axes
+from llama2_jax.train import optim
 from llama2_jax.train.losses import Batch, LossFn
-from llama2_jax.train.state import TrainState
+from llama2_jax.train.state import TrainState, abstract_train_state, train_state_shardings
+from llama2_jax.train.task import Task
 
 Metrics = dict[str, jax.Array]
 
@@ -41,10 +49,15 @@ def _denominator(sums: Mapping[str, jax.Array]) -> jax.Array:
 
 
 def normalised_metrics(sums: Mapping[str, jax.Array]) -> Metrics:
-    """Loss-function sums divided by their total weight; the weight itself is kept as a count."""
-    denominator = _denominator(sums)
-    metrics = {name: value / denominator for name, value in sums.items() if name != "weight"}
-    metrics["weight"] = sums["weight"]
+    """Loss-function sums per unit of weight. A sum `x` with a companion `x_weight` is divided by
+    that instead (e.g. accuracy over the pairs of one rating level); weights stay counts."""
+    metrics = {}
+    for name, value in sums.items():
+        if name == "weight" or name.endswith("_weight"):
+            metrics[name] = value
+        else:
+            own = sums.get(f"{name}_weight")
+            metrics[name] = value / (_denominator(sums) if own is None else jnp.where(own > 0, own, 1.0))
     return metrics
 
 
@@ -114,3 +127,96 @@ def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[Any, Ba
         return {"loss": loss_sum, **sums}
 
     return eval_step
+
+
+def check_batch_layout(global_batch_size: int, grad_accum_steps: int, mesh: Mesh, rules) -> None:
+    batch_shards = sharding.batch_shard_count(mesh, rules)
+    if global_batch_size % grad_accum_steps or (global_batch_size // grad_accum_steps) % batch_shards:
+        raise ValueError(
+            f"train.global_batch_size {global_batch_size} must split into optimizer.grad_accum_steps "
+            f"{grad_accum_steps} micro-batches, each divisible by the {batch_shards} batch shards "
+            f"of mesh {dict(mesh.shape)}; change the batch size, the accumulation steps or the mesh"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """A task's jitted update and evaluation steps on a mesh, and the layouts they were built for.
+
+    `train_step(state, batch) -> (state, metrics)` donates the state; `eval_step(params, batch)`
+    returns the loss function's sums. Call them (or `lower`) inside `context()`, where the mesh
+    and rules that activation constraints and shard_map kernels read are set.
+    """
+
+    task: Task
+    mesh: Mesh
+    rules: Any
+    graphdef: nnx.GraphDef
+    abstract_model: nnx.State
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
+    shardings: TrainState
+    batch_sharding: NamedSharding
+    global_batch_size: int
+    train_step: Any
+    eval_step: Any
+
+    def context(self) -> contextlib.AbstractContextManager:
+        return sharding.logical_context(self.mesh, self.rules)
+
+    def abstract_state(self) -> TrainState:
+        """The train state as shapes with shardings: a restore target, nothing allocated."""
+        return abstract_train_state(self.abstract_model, self.optimizer, self.shardings)
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return self.task.batch_spec.abstract(self.global_batch_size, self.batch_sharding)
+
+    def lower_train_step(self) -> jax.stages.Lowered:
+        """The update step lowered for this task's state and batch shapes (what `aot` compiles)."""
+        with self.context():
+            return self.train_step.lower(self.abstract_state(), self.abstract_batch())
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens the model runs through per optimizer step, padding included: a pair of
+        responses counts as two sequences."""
+        return self.global_batch_size * self.task.batch_spec.model_tokens_per_row()
+
+    @property
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token of this task's model (metrics.py has the count)."""
+        matmul_parameters = sum(
+            variable.size for path, variable in nnx.to_flat_state(self.abstract_model)
+            if axes.NORM not in (variable.get_metadata().get("logical_axes") or ())
+            and path != ("embedder", "embedding"))
+        sequence_length = self.task.batch_spec.fields[self.task.batch_spec.model_inputs].shape[-1]
+        return metrics.flops_per_token(self.task.model_config, sequence_length, matmul_parameters)
+
+
+def build_steps(task: Task, config: ml_collections.ConfigDict, mesh: Mesh, rules, *,
+                schedule_steps: int | None = None) -> Steps:
+    """The update and evaluation steps of `task` under `config` (its `optimizer` section and
+    `train.global_batch_size`) on `mesh` with `rules`. `schedule_steps` is the length of the
+    learning-rate schedule when it is not `config.train.steps` (a resumed run keeps its own)."""
+    grad_accum_steps = config.optimizer.grad_accum_steps
+    check_batch_layout(config.train.global_batch_size, grad_accum_steps, mesh, rules)
+    optimizer, schedule = optim.make_optimizer(config.optimizer, schedule_steps or config.train.steps)
+    graphdef, abstract_model = sharding.abstract_model(task.model_config, task.model_class)
+    sharding.check_platform(task.model_config, mesh)
+    sharding.check_fits_mesh(abstract_model, mesh, rules)
+    shardings = train_state_shardings(abstract_model, optimizer, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+    train_step = jax.jit(
+        make_train_step(graphdef, task.loss_fn, optimizer, schedule, grad_accum_steps),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(
+        make_eval_step(graphdef, task.loss_fn),
+        in_shardings=(shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
+    return Steps(task, mesh, rules, graphdef, abstract_model, optimizer, schedule, shardings,
+                 batch_sharding, config.train.global_batch_size, train_step, eval_step)

@@ -1,16 +1,15 @@
-"""`python -m llama2_jax bench generate`: sampling speed, measured like shared/bench/anchor_generate.py.
+"""`python -m llama2_jax bench generate`: sampling speed, as Hugging Face `generate` is usually timed.
 
 Random weights, greedy, a 128-token prompt and 256 new tokens (EOS disabled so every row runs to
-the limit), at batch 1 and 64. Prints, per batch size, the anchor's two figures — new tokens/s and
+the limit), at batch 1 and 64. Prints, per batch size, the two usual figures — new tokens/s and
 ms per step, both over the whole call, prefill included — plus the decoding step alone (the whole
 call minus a prefill-only call). Matmuls run in bfloat16 on accelerators and float32 on CPUs, where
 bfloat16 is emulated and twice as slow. Shapes: `tiny` (the test model, for CPUs) and `1b` (the 1.1B
-shape of the anchor: dim 2048, 22 layers, 32 heads / 4 kv heads, FFN 5632, vocab 32000).
+benchmark shape: dim 2048, 22 layers, 32 heads / 4 kv heads, FFN 5632, vocab 32000).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
@@ -20,6 +19,7 @@ import jax
 import numpy as np
 
 from llama2_jax import sharding
+from llama2_jax.cli import ArgumentParser
 from llama2_jax.generate import decoding_layout, generate
 from llama2_jax.model.config import LlamaConfig
 
@@ -62,8 +62,7 @@ def bench_batch(model, decoding_state, batch: int, prompt_length: int, new_token
 
 def main(argv: Sequence[str]) -> int:
     """CLI entry point: prints one JSON line per batch size; writes $OUT/generate_bench.json if set."""
-    parser = argparse.ArgumentParser(prog="python -m llama2_jax bench generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m llama2_jax bench generate", description=__doc__)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b" if jax.default_backend() == "gpu" else "tiny")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--prompt-length", type=int, default=128)

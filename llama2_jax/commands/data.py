@@ -12,14 +12,13 @@ import argparse
 import json
 from collections.abc import Sequence
 
+from llama2_jax.cli import ArgumentParser, reports_errors
 from llama2_jax.data import sources, tokenized
-from llama2_jax.data.records import DataError
 from llama2_jax.data.tokenizer import Tokenizer
 
 
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m llama2_jax data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m llama2_jax data", description=__doc__)
     parser.add_argument("--data-dir", default="", help="tfds data_dir (default ~/.cache/llama2_jax/tensorflow_datasets)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -34,7 +33,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     build.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
 
     tokenize = commands.add_parser("tokenize", help="tokenize a text dataset once into array_record token ids")
-    tokenize.add_argument("--dataset", default="shakespeare", help="a prepared dataset name")
+    tokenize.add_argument("--dataset", default="shakespeare",
+                          help="a prepared text dataset: shakespeare, a local one by name (mycorpus), a tfds name")
     tokenize.add_argument("--out", required=True, help="output directory (set it as data.tokenized_dir)")
     tokenize.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: the bundled one)")
 
@@ -43,26 +43,25 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@reports_errors
 def main(argv: Sequence[str]) -> int:
-    """CLI entry point; bad input prints one error line and returns 1."""
+    """CLI entry point."""
     args = _parse_args(argv)
     data_dir = args.data_dir or None
-    try:
-        if args.command == "build":
-            builder = sources.build_local_dataset(
-                args.name, args.input, format=args.format, data_dir=data_dir, text_field=args.text_field,
-                document_chars=args.document_chars, holdout_fraction=args.holdout_fraction,
-                skip_bad_lines=args.skip_bad_lines)
-            print(sources.describe(builder))
-            print(f"train with --config.data.dataset={builder.name}/{args.name}")
-        elif args.command == "tokenize":
-            builder = sources.prepared_dataset(args.dataset, data_dir)
-            metadata = tokenized.write_tokenized(builder, Tokenizer(args.tokenizer), args.out)
-            print(json.dumps(metadata["splits"], indent=2))
-            print(f"train with --config.data.tokenized_dir={args.out}")
-        else:
-            print(sources.describe(sources.prepared_dataset(args.dataset, data_dir)))
-    except (DataError, FileNotFoundError) as error:
-        print(f"error: {error}")
-        return 1
+    if args.command == "build":
+        builder = sources.build_local_dataset(
+            args.name, args.input, format=args.format, data_dir=data_dir, text_field=args.text_field,
+            document_chars=args.document_chars, holdout_fraction=args.holdout_fraction,
+            skip_bad_lines=args.skip_bad_lines)
+        print(sources.describe(builder))
+        stage = sources.KINDS[sources.dataset_kind(builder)][1]
+        print(f"train on it with `python -m llama2_jax {stage} ... --config.data.dataset={args.name}`")
+    elif args.command == "tokenize":
+        builder = sources.prepared_dataset(args.dataset, data_dir)
+        sources.check_kind(builder, "text")
+        metadata = tokenized.write_tokenized(builder, Tokenizer(args.tokenizer), args.out)
+        print(json.dumps(metadata["splits"], indent=2))
+        print(f"train with --config.data.tokenized_dir={args.out}")
+    else:
+        print(sources.describe(sources.prepared_dataset(args.dataset, data_dir)))
     return 0

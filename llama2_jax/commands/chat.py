@@ -13,15 +13,15 @@ current message. Sampling defaults to Meta's reference settings: temperature 0.6
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Iterable, Sequence
 from typing import TextIO
 
+from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
+from llama2_jax.commands.generate import add_model_flags, load_for_sampling
 from llama2_jax.data.chat import fit_dialog, validate_dialog
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.generate import SamplingParams, decoding_layout, stream
-from llama2_jax.generate_cli import add_model_flags, load_for_sampling
 
 
 class TextStream:
@@ -126,25 +126,22 @@ def run(session: ChatSession, lines: Iterable[str], out: TextIO, interactive: bo
         prompt()
 
 
+@reports_errors
 def main(argv: Sequence[str]) -> int:
     """CLI entry point."""
-    parser = argparse.ArgumentParser(prog="python -m llama2_jax chat", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m llama2_jax chat", description=__doc__)
     add_model_flags(parser, temperature=0.6, top_p=0.9)
     parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=512, help="longest answer, in tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=0,
+                        help="longest answer, in tokens (default: half the model's context, at most 512)")
     args = parser.parse_args(argv)
-    try:
-        model, tokenizer = load_for_sampling(args)
-        if args.max_new_tokens >= model.config.max_seq_len:
-            raise ValueError(
-                f"--max-new-tokens {args.max_new_tokens} leaves no room for the dialog in the model's "
-                f"context of {model.config.max_seq_len}; lower it"
-            )
-        sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-        session = ChatSession(model, tokenizer, sampling, args.max_new_tokens, args.seed, args.system, sys.stdout)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_for_sampling(args)
+    context = model.config.max_seq_len
+    max_new_tokens = args.max_new_tokens or min(512, context // 2)
+    if max_new_tokens >= context:
+        raise UsageError(f"--max-new-tokens {max_new_tokens} leaves no room for the dialog in the model's "
+                         f"context of {context}; lower it")
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    session = ChatSession(model, tokenizer, sampling, max_new_tokens, args.seed, args.system, sys.stdout)
     run(session, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
     return 0

@@ -1,0 +1,53 @@
+"""`Task`: what a stage brings to the one training loop — its model, its loss and its batches.
+
+Pretraining, SFT and the reward models are each a Task built by their module in
+llama2_jax/stages/; the loop (loop.py), the step builder (step.py), `aot` and `bench` take any
+Task. Building one is cheap: data and weights are touched only when the loop calls
+`train_batches`, `eval_batches` or `initial_model`, so `aot` can compile a 70B stage on a laptop.
+Each of those receives the run's mesh and rules, so batches and weights are laid out exactly as
+the train state and the step expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from llama2_jax.data.batch import BatchSpec
+from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.llama import MODEL_KINDS
+from llama2_jax.train.losses import LossFn
+
+Batch = dict[str, jax.Array]
+Rules = Any  # a rules table: ((logical axis, mesh axes), ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """A stage on the loop.
+
+    `train_batches(mesh, rules)`: an endless iterator of global batches with `get_state()` and
+    `set_state()` (the checkpoint saves its position).
+    `eval_batches(mesh, rules)`: a fresh finite iterable for one evaluation (None: no evaluation).
+    `initial_model(mesh, rules)`: the starting model, sharded by those rules (None: a random model
+    of `model_kind` from `config.train.seed`; fine-tuning loads pretrained weights here). A
+    checkpoint in the workdir wins over both.
+    """
+
+    model_config: LlamaConfig
+    loss_fn: LossFn
+    batch_spec: BatchSpec
+    train_batches: Callable[[Mesh, Rules], Iterator[Batch]]
+    eval_batches: Callable[[Mesh, Rules], Iterable[Batch]] | None = None
+    initial_model: Callable[[Mesh, Rules], nnx.Module] | None = None
+    model_kind: str = "llama"  # a key of llama2_jax.model.llama.MODEL_KINDS
+    tokenizer_path: str | None = None
+
+    @property
+    def model_class(self) -> type:
+        return MODEL_KINDS[self.model_kind]
