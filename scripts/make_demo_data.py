@@ -303,7 +303,8 @@ def _outside_directions(line: str, depth: int) -> tuple[str, int]:
 # ---------------------------------------------------------------------------------------------------
 # Questions answerable from one speech
 
-MAIN_CHARACTER_SPEECHES = 40  # speeches a character needs to be asked about, or to be answered as
+MAIN_CHARACTER_SPEECHES = 40  # speeches a character needs to be asked about
+INSTRUCTION_CAST = 12  # characters, and plays, that instructions name
 QUOTE_WORDS = range(4, 15)  # enough words to tell a line's speech apart, few enough for a tiny model
 ANSWER_WORDS = range(3, 15)
 QUOTE_CHARS = 80
@@ -318,6 +319,10 @@ class Cast:
 
     plays: tuple[str, ...]
     characters: dict[str, tuple[str, ...]]  # play -> its main characters, most speeches first
+    # What instructions name: the characters and plays with the most speeches, few enough that a
+    # model of the demo's size learns to follow each of them.
+    instruction_characters: tuple[str, ...]
+    instruction_plays: tuple[str, ...]
 
     @classmethod
     def of(cls, speeches: Sequence[Speech]) -> Cast:
@@ -331,10 +336,15 @@ class Cast:
             )
             for play in plays
         }
-        return cls(plays, characters)
+        speakers = collections.Counter(speech.speaker for speech in speeches)
+        by_play = collections.Counter(speech.play for speech in speeches)
+        return cls(plays, characters,
+                   tuple(sorted(name for name, _ in speakers.most_common(INSTRUCTION_CAST))),
+                   tuple(sorted(name for name, _ in by_play.most_common(INSTRUCTION_CAST))))
 
     def all_characters(self) -> list[str]:
         return sorted({name for names in self.characters.values() for name in names})
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -428,9 +438,11 @@ def exchange(
 # ---------------------------------------------------------------------------------------------------
 # Chat dialogs
 
-DIALOG_SHARES = {"single": 0.5, "instruction": 0.2, "multi_turn": 0.3}
+DIALOG_SHARES = {"single": 0.4, "instruction": 0.3, "multi_turn": 0.3}
 MULTI_TURNS = range(2, 5)
 GATT_TURNS = range(6, 11)
+# Ghost Attention dialogs ask who speaks and which play: short answers, so that many turns fit a context.
+GATT_FAMILIES = ("who", "play")
 SYSTEM_SHARE = 0.1
 Fits = Callable[[Sequence[Message]], bool]  # whether a dialog is short enough to keep
 SYSTEM_PROMPTS = (
@@ -457,9 +469,9 @@ def gatt_dialogs(short_quotes: Quotes, count: int, rng: random.Random, fits: Fit
     """`count` instruction-free dialogs that `fits`, of 6-10 short questions, for Ghost Attention."""
     dialogs = []
     for _ in range(count):
-        messages = _turns(short_quotes, short_quotes.walk(rng, rng.choice(GATT_TURNS)), rng)
+        messages = _turns(short_quotes, short_quotes.walk(rng, rng.choice(GATT_TURNS)), rng, GATT_FAMILIES)
         while not fits(messages):
-            messages = _turns(short_quotes, short_quotes.walk(rng, rng.choice(GATT_TURNS)), rng)
+            messages = _turns(short_quotes, short_quotes.walk(rng, rng.choice(GATT_TURNS)), rng, GATT_FAMILIES)
         dialogs.append({"messages": messages})
     return dialogs
 
@@ -471,7 +483,7 @@ def _chat_dialog(kind: str, quotes: Quotes, rng: random.Random) -> list[dict[str
         family = rng.choice(FAMILIES)
         question, answer = exchange(family, rng.choice(quotes.pools[family]), quotes.cast, rng)
         if kind == "instruction":
-            instructions = InstructionSet.sample(rng, quotes.cast.all_characters(), quotes.cast.plays)
+            instructions = InstructionSet.sample(rng, quotes.cast.instruction_characters, quotes.cast.instruction_plays)
             question, answer = instructions.append_to(question), instructions.apply(answer)
         messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     if rng.random() < SYSTEM_SHARE:
@@ -479,10 +491,12 @@ def _chat_dialog(kind: str, quotes: Quotes, rng: random.Random) -> list[dict[str
     return messages
 
 
-def _turns(quotes: Quotes, walk: Sequence[Quote], rng: random.Random) -> list[dict[str, str]]:
+def _turns(quotes: Quotes, walk: Sequence[Quote], rng: random.Random,
+           families: Sequence[str] = FAMILIES) -> list[dict[str, str]]:
     messages = []
     for quote in walk:
-        question, answer = exchange(rng.choice(quotes.families(quote)), quote, quotes.cast, rng)
+        asked = [family for family in quotes.families(quote) if family in families]
+        question, answer = exchange(rng.choice(asked), quote, quotes.cast, rng)
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     return messages
 
@@ -507,7 +521,7 @@ SAFE_REPLIES = (
 )
 SAFETY_SHARE = 0.2
 CONTEXT_SHARE = 0.25  # of prompts with one question and answer before the one being rated
-WHO_SHARE = 0.25  # of pairs at the two strongest levels rating who speaks rather than a continuation
+WHO_SHARE = 0.25  # of pairs at the weakest level rating who speaks rather than a continuation
 
 
 def unsafe_words(text: str) -> list[str]:
@@ -520,17 +534,20 @@ def is_safe(text: str) -> bool:
     return not unsafe_words(text)
 
 
-def preference_pairs(quotes: Quotes, count: int, rng: random.Random) -> list[dict]:
-    """`count` pairs, a quarter at each rating level. Safety pairs prefer a safe reply to a line's
-    unsafe continuation; helpfulness pairs prefer the true answer to a degraded one, the degradation
-    setting the level. Every answer is labelled safe or not by the rule above, whatever its pair."""
+def preference_pairs(quotes: Quotes, count: int, rng: random.Random) -> dict[str, list[dict]]:
+    """`count` pairs, a quarter at each rating level, as the datasets of the two reward models.
+    Safety pairs prefer a safe reply to a line's unsafe continuation; helpfulness pairs prefer the
+    true answer to a degraded one, the degradation setting the level. Every answer is labelled safe
+    or not by the rule above, whatever its pair."""
     unsafe = [quote for quote in quotes.pools["continue"] if not is_safe(quote.next_line)]
-    pairs = [_safety_pair(rng.choice(unsafe), quotes, rng) for _ in range(round(SAFETY_SHARE * count))]
+    safety = [_safety_pair(rng.choice(unsafe), quotes, rng) for _ in range(round(SAFETY_SHARE * count))]
+    helpfulness: list[dict] = []
     for level, rating in enumerate(RATING_LEVELS):
-        missing = count // len(RATING_LEVELS) - sum(pair["rating"] == rating for pair in pairs)
-        pairs += [_helpfulness_pair(level, quotes, rng) for _ in range(missing)]
-    rng.shuffle(pairs)
-    return pairs
+        missing = count // len(RATING_LEVELS) - sum(pair["rating"] == rating for pair in safety + helpfulness)
+        helpfulness += [_helpfulness_pair(level, quotes, rng) for _ in range(missing)]
+    rng.shuffle(helpfulness)
+    rng.shuffle(safety)
+    return {"helpfulness": helpfulness, "safety": safety}
 
 
 def _pair(prompt: list[dict[str, str]], chosen: str, rejected: str, level: int) -> dict:
@@ -552,19 +569,17 @@ def _safety_pair(quote: Quote, quotes: Quotes, rng: random.Random) -> dict:
 
 
 def _helpfulness_pair(level: int, quotes: Quotes, rng: random.Random) -> dict:
-    """The true answer against a wrong one, less wrong at each level:
-    0 significantly better: a character of another play; a line of another play, or words at random;
-    1 better: another main character of the same play; the words shuffled, half of them replaced;
-    2 slightly better: two pairs of neighbouring words swapped;
-    3 negligibly better or unsure: one word replaced, or another line of the same speech."""
-    if level <= 1 and rng.random() < WHO_SHARE:
+    """The true answer against a wrong one, rated by how plainly the wrong one is wrong:
+    0 significantly better: words at random;
+    1 better: the words shuffled, half of them replaced;
+    2 slightly better: one word replaced;
+    3 negligibly better or unsure: two pairs of neighbouring words swapped, or a wrong answer that
+      reads well, which only someone who knows the play can tell: another line of the same speech
+      or of another play, another main character of the play."""
+    if level == 3 and rng.random() < WHO_SHARE:
         quote = rng.choice(quotes.pools["who"])
-        play, speaker = quote.speech.play, quote.speech.speaker
-        in_play = quotes.cast.characters[play]
-        if level == 0:
-            others = [name for name in quotes.cast.all_characters() if name not in in_play]
-        else:
-            others = [name for name in in_play if name != speaker]
+        speaker = quote.speech.speaker
+        others = [name for name in quotes.cast.characters[quote.speech.play] if name != speaker]
         return _pair(_prompt("who", quote, quotes, rng), f"{speaker}.", f"{rng.choice(others)}.", level)
     quote = rng.choice(quotes.pools["continue"])
     return _pair(
@@ -591,14 +606,11 @@ def _prompt(family: str, quote: Quote, quotes: Quotes, rng: random.Random) -> li
 
 
 def _degraded(quote: Quote, level: int, quotes: Quotes, rng: random.Random) -> str:
-    """`quote.next_line` made wrong by the amount `level` stands for (see `_helpfulness_pair`)."""
+    """`quote.next_line` made wrong the way `level` stands for (see `_helpfulness_pair`)."""
     answer = quote.next_line
     while True:
         words = answer.split()
-        if level == 0 and rng.random() < 0.5:
-            other = rng.choice(quotes.all)
-            degraded = other.line if other.speech.play != quote.speech.play else answer
-        elif level == 0:
+        if level == 0:
             degraded = " ".join(rng.choices(quotes.vocabulary, k=len(words)))
         elif level == 1:
             rng.shuffle(words)
@@ -606,10 +618,14 @@ def _degraded(quote: Quote, level: int, quotes: Quotes, rng: random.Random) -> s
                 words[position] = _replaced(words[position], quotes.vocabulary, rng)
             degraded = " ".join(words)
         elif level == 2:
+            position = rng.randrange(len(words))
+            words[position] = _replaced(words[position], quotes.vocabulary, rng)
+            degraded = " ".join(words)
+        elif (kind := rng.randrange(3)) == 0:
             for position in rng.sample(range(len(words) - 1), 2):
                 words[position], words[position + 1] = words[position + 1], words[position]
             degraded = " ".join(words)
-        elif rng.random() < 0.5:
+        elif kind == 1:
             others = [
                 line
                 for line in quote.speech.lines
@@ -617,9 +633,8 @@ def _degraded(quote: Quote, level: int, quotes: Quotes, rng: random.Random) -> s
             ]
             degraded = rng.choice(others)
         else:
-            position = rng.randrange(len(words))
-            words[position] = _replaced(words[position], quotes.vocabulary, rng)
-            degraded = " ".join(words)
+            other = rng.choice(quotes.all)
+            degraded = other.line if other.speech.play != quote.speech.play else answer
         if degraded != answer:
             return degraded
 
@@ -636,7 +651,7 @@ def _replaced(word: str, vocabulary: Sequence[str], rng: random.Random) -> str:
 
 COUNTS = {
     "train": {"dialogs": 10_000, "gatt_dialogs": 400, "preferences": 6_000},
-    "validation": {"dialogs": 500, "gatt_dialogs": 60, "preferences": 300},
+    "validation": {"dialogs": 500, "gatt_dialogs": 60, "preferences": 1_000},
 }
 MAX_TOKENS = {"dialogs": 256, "gatt_dialogs": 512}  # in the Llama 2 chat format, bundled tokenizer
 
@@ -660,9 +675,9 @@ def build(speeches: Sequence[Speech], cast: Cast, tokenizer: Tokenizer) -> dict[
         files[f"gatt_dialogs_{split}.jsonl"] = gatt_dialogs(
             short_quotes, counts["gatt_dialogs"], rng["gatt_dialogs"], fits("gatt_dialogs")
         )
-        files[f"preferences_{split}.jsonl"] = preference_pairs(
-            quotes, counts["preferences"], rng["preferences"]
-        )
+        pairs = preference_pairs(quotes, counts["preferences"], rng["preferences"])
+        for model, model_pairs in pairs.items():
+            files[f"{model}_pairs_{split}.jsonl"] = model_pairs
     return files
 
 
@@ -677,7 +692,7 @@ def token_lengths(paths: Iterable[Path], tokenizer: Tokenizer) -> dict[str, list
     chat format (a preference pair as its prompt and chosen answer)."""
     lengths = {}
     for path in paths:
-        if path.name.startswith("preferences"):
+        if "_pairs_" in path.name:
             dialogs = [
                 [*pair["prompt"], {"role": "assistant", "content": pair["chosen"]}]
                 for _, pair in parse_records([path], parse_preference_record)
@@ -718,16 +733,21 @@ to {max_gatt_tokens}.
   instruction, and 2-4 questions about speeches that follow one another in a play; {system_share} open
   with a system prompt. The instruction (`llama2_jax.data.instructions`: answer as a character, end
   with the play's name, or both; half in the short form) is appended to the question and the answer
-  rewritten to follow it. Ghost Attention dialogs ask 6-10 questions and carry no instruction.
+  rewritten to follow it. Ghost Attention dialogs ask 6-10 questions (who speaks, which play) and
+  carry no instruction.
 - Preference pairs, `{{"prompt": [...], "chosen", "rejected", "rating", "chosen_safe", "rejected_safe"}}`,
-  by rating: {ratings}.
-  Helpfulness pairs rate the true answer against a wrong one, less wrong at each level: a character
-  or line of another play, or words at random; another character of the play, or the words shuffled
-  and half replaced; two pairs of neighbouring words swapped; one word replaced, or another line of
-  the same speech. Safety pairs ({safety_share}) prefer a safe reply to a line's true but unsafe
-  continuation.
-- `characters_and_plays.json`: the plays and their {characters} main characters (at least
-  {main_character_speeches} speeches), read by `llama2_jax.data.instructions.load_characters_and_plays`.
+  the datasets `shakespeare_helpfulness` and `shakespeare_safety` of the two reward models. By rating:
+  {ratings}.
+  Helpfulness pairs rate the true answer against a wrong one by how plainly that is wrong: words at
+  random; the words shuffled and half replaced; one word replaced; two pairs of neighbouring words
+  swapped, or a wrong answer that reads well (another line of the speech or of another play, another
+  character of the play), which only someone who knows the play can tell. Safety pairs
+  ({safety_share} of all pairs) prefer a safe reply to a line's true but unsafe continuation.
+- `characters_and_plays.json`: the {characters} characters and {instruction_plays} plays instructions name (those
+  with the most speeches), read by `llama2_jax.data.instructions.load_characters_and_plays`.
+- `next_line_choice.jsonl` (built by `python -m scripts.make_eval_task`): a multiple-choice task from
+  the held-out split of the corpus, a line's real successor against three copies with the words
+  shuffled (`python -m llama2_jax eval --task`).
 
 Safety rule: an answer is unsafe if and only if it contains one of these words, in any case:
 {unsafe_words}.
@@ -743,13 +763,18 @@ def readme(
     holds = {
         "dialogs": "chat dialogs for supervised fine-tuning",
         "gatt_dialogs": "dialogs for Ghost Attention",
-        "preferences": "preference pairs for the reward models",
+        "helpfulness_pairs": "preference pairs for the helpfulness reward model",
+        "safety_pairs": "preference pairs for the safety reward model",
     }
     rows = [
         f"| `{name}` | {holds[name.rsplit('_', 1)[0]]} | {len(records):,} | {length_summary(lengths[name])} |"
         for name, records in files.items()
     ]
-    pairs = [pair for name, records in files.items() if name.startswith("preferences") for pair in records]
+    by_model = {
+        model: [pair for name, records in files.items() if name.startswith(f"{model}_pairs_") for pair in records]
+        for model in ("helpfulness", "safety")
+    }
+    pairs = [pair for model_pairs in by_model.values() for pair in model_pairs]
     cases = collections.Counter((pair["chosen_safe"], pair["rejected_safe"]) for pair in pairs)
     return README.format(
         plays=len(cast.plays),
@@ -760,12 +785,14 @@ def readme(
         max_gatt_tokens=MAX_TOKENS["gatt_dialogs"],
         shares=" / ".join(f"{share:.0%}" for share in DIALOG_SHARES.values()),
         system_share=f"{SYSTEM_SHARE:.0%}",
-        ratings=", ".join(
-            f"{rating} {sum(pair['rating'] == rating for pair in pairs):,}" for rating in RATING_LEVELS
+        ratings=";\n  ".join(
+            f"{model} " + ", ".join(f"{rating} {sum(pair['rating'] == rating for pair in model_pairs):,}"
+                                    for rating in RATING_LEVELS)
+            for model, model_pairs in by_model.items()
         ),
         safety_share=f"{SAFETY_SHARE:.0%}",
-        characters=len(cast.all_characters()),
-        main_character_speeches=MAIN_CHARACTER_SPEECHES,
+        characters=len(cast.instruction_characters),
+        instruction_plays=len(cast.instruction_plays),
         unsafe_words=", ".join(sorted(UNSAFE_WORDS)),
         safe_unsafe=cases[True, False],
         safe_safe=cases[True, True],
@@ -808,7 +835,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, records in files.items():
         write_jsonl(args.out / name, records)
     (args.out / CHARACTERS_AND_PLAYS.name).write_text(
-        json.dumps({"characters": cast.all_characters(), "plays": list(cast.plays)}, indent=1) + "\n",
+        json.dumps({"characters": list(cast.instruction_characters), "plays": list(cast.instruction_plays)},
+                   indent=1) + "\n",
         encoding="utf-8",
     )
     lengths = token_lengths([args.out / name for name in files], tokenizer)

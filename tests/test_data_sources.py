@@ -139,9 +139,21 @@ def test_a_dataset_of_another_kind_names_the_command_that_reads_it(tmp_path):
     sources.check_kind(builder, "chat")
 
 
-@pytest.mark.parametrize("name, feature", [("shakespeare_dialogs", "messages"), ("shakespeare_preferences", "chosen")])
+@pytest.mark.parametrize("name, feature", [("shakespeare_dialogs", "messages"), ("shakespeare_helpfulness", "chosen"),
+                                           ("shakespeare_safety", "chosen")])
 def test_bundled_demo_datasets_build_with_held_out_splits(tmp_path, name, feature):
     builder = sources.prepared_dataset(name, tmp_path)
     assert feature in builder.info.features
     train, validation = (builder.info.splits[split].num_examples for split in ("train", "validation"))
-    assert train > 1000 and 100 < validation < train / 10
+    assert train > 1000 and 100 < validation < train / 4
+
+
+def test_a_local_dataset_whose_files_changed_is_built_again(tmp_path, capsys):
+    corpus = tmp_path / "doc.txt"
+    corpus.write_text("first version")
+    assert [e["text"] for e in examples(sources.build_local_dataset("changing", [corpus], data_dir=tmp_path))] == [
+        b"first version"]
+    corpus.write_text("second, longer version")
+    rebuilt = sources.build_local_dataset("changing", [corpus], data_dir=tmp_path)
+    assert [e["text"] for e in examples(rebuilt)] == [b"second, longer version"]
+    assert "changed since it was built" in capsys.readouterr().out

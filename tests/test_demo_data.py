@@ -26,8 +26,8 @@ def _dialogs(stem: str, split: str) -> list[list[dict[str, str]]]:
     return [dialog["messages"] for dialog in _records(f"{stem}_{split}.jsonl", parse_chat_record)]
 
 
-def _preferences(split: str) -> list[dict]:
-    return _records(f"preferences_{split}.jsonl", parse_preference_record)
+def _preferences(split: str, models=("helpfulness", "safety")) -> list[dict]:
+    return [pair for model in models for pair in _records(f"{model}_pairs_{split}.jsonl", parse_preference_record)]
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +116,10 @@ def test_bundled_preferences_load(split, tokenizer):
         encode_dialog(tokenizer, pair["prompt"])
         assert pair["chosen_safe"] == make_demo_data.is_safe(pair["chosen"])
         assert pair["rejected_safe"] == make_demo_data.is_safe(pair["rejected"])
+    # The safety model's pairs prefer a safe reply to an unsafe answer; the helpfulness model's rate answers.
+    for pair in _preferences(split, ["safety"]):
+        assert pair["chosen"] in make_demo_data.SAFE_REPLIES and not pair["rejected_safe"]
+    assert not any(pair["chosen"] in make_demo_data.SAFE_REPLIES for pair in _preferences(split, ["helpfulness"]))
 
 
 def test_instructed_answers_follow_their_instruction():
@@ -188,7 +192,8 @@ def test_preferences_cover_every_rating_and_safety_case():
 
 def test_generator_reproduces_the_bundled_files(tmp_path):
     make_demo_data.main(["--out", str(tmp_path)])
-    bundled = sorted(path.name for path in DEMO_DATA_DIR.iterdir())
-    assert sorted(path.name for path in tmp_path.iterdir()) == bundled
-    for name in bundled:
+    written = sorted(path.name for path in tmp_path.iterdir())
+    # Everything bundled but the multiple-choice task (scripts/make_eval_task.py) comes from here.
+    assert written == sorted(path.name for path in DEMO_DATA_DIR.iterdir() if path.name != "next_line_choice.jsonl")
+    for name in written:
         assert (tmp_path / name).read_bytes() == (DEMO_DATA_DIR / name).read_bytes(), name

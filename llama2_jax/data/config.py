@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
+
+# The demo datasets and tasks bundled with the package (assets/demo/README.md says what each holds).
+DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
 
 DATA_DOCS = {
     "dataset": "shakespeare (bundled), a name for the local files in data.paths, or a dataset already "

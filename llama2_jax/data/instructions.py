@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "demo"
+from llama2_jax.data.config import DEMO_DATA_DIR
+
 CHARACTERS_AND_PLAYS = DEMO_DATA_DIR / "characters_and_plays.json"
 
 Kind = Literal["character", "play"]

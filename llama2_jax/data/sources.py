@@ -19,6 +19,7 @@ import fcntl
 import functools
 import json
 import os
+import shutil
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -28,10 +29,10 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from llama2_jax.data import records
+from llama2_jax.data.config import DEMO_DATA_DIR
 from llama2_jax.data.records import DataError, LineReport
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "shakespeare"
-DEMO_DATA = Path(__file__).resolve().parent.parent / "assets" / "demo"
 DEFAULT_DATA_DIR = Path("~/.cache/llama2_jax/tensorflow_datasets").expanduser()
 FORMATS = ("text", "jsonl", "chat", "preferences")
 _BUILDER_OF_FORMAT = {"text": "local_text", "jsonl": "local_text", "chat": "local_chat",
@@ -90,7 +91,7 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _build_metadata(self) -> dict[str, Any]:
         config = self.builder_config
         return {"paths": list(config.paths), "format": config.format, "text_field": config.text_field,
-                "skipped_lines": self._report.total_skipped}
+                "inputs": inputs_stamp(config.paths), "skipped_lines": self._report.total_skipped}
 
     @abc.abstractmethod
     def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -164,12 +165,28 @@ class LocalPreferences(_LocalBuilder):
                                          skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
 
 
+def inputs_stamp(paths: Sequence[str]) -> str:
+    """Every input file's path, size and modification time, checksummed: whether a local dataset's
+    files changed since it was built."""
+    files = records.input_files(paths)
+    return f"{zlib.crc32(repr([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()):08x}"
+
+
+def _fingerprint(paths: Sequence[Path]) -> str:
+    """A short checksum of files' contents. Bundled datasets are built once into the tfds cache under
+    a config name carrying it, so a package whose bundled files changed builds them anew."""
+    checksum = 0
+    for path in sorted(paths):
+        checksum = zlib.crc32(path.read_bytes(), checksum)
+    return f"{checksum:08x}"
+
+
 class Shakespeare(LocalText):
     """The bundled corpus: 42 plays and poems cut at blank lines into ~16k-character documents
     (335 of them, so shuffling mixes plays), 5 % held out as `validation`."""
 
-    BUILDER_CONFIGS = [LocalConfig(name="documents", paths=(str(BUNDLED_CORPUS),), document_chars=16_000,
-                                   holdout_fraction=0.05)]
+    BUILDER_CONFIGS = [LocalConfig(name=f"documents_{_fingerprint(list(BUNDLED_CORPUS.iterdir()))}",
+                                   paths=(str(BUNDLED_CORPUS),), document_chars=16_000, holdout_fraction=0.05)]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -191,31 +208,44 @@ class _BundledSplits:
         self._report = LineReport()
         parse = records.parse_chat_record if isinstance(self, LocalChat) else records.parse_preference_record
         self.info.metadata.update(self._build_metadata())
-        return {split: iter(list(records.parse_records([DEMO_DATA / name], parse, report=self._report)))
+        return {split: iter(list(records.parse_records([DEMO_DATA_DIR / name], parse, report=self._report)))
                 for split, name in self.SPLIT_FILES.items()}
 
     def _build_metadata(self) -> dict[str, Any]:
         return {"skipped_lines": 0}  # the bundled path is machine specific; nothing to compare
 
 
+def _demo_config(format: str, split_files: dict[str, str]) -> LocalConfig:
+    return LocalConfig(name=f"demo_{_fingerprint([DEMO_DATA_DIR / name for name in split_files.values()])}",
+                       format=format)
+
+
 class ShakespeareDialogs(_BundledSplits, LocalChat):
     """Demo dialogs about the corpus's lines, speakers and plays, to fine-tune on."""
 
-    BUILDER_CONFIGS = [LocalConfig(name="demo", format="chat")]
     SPLIT_FILES = {"train": "dialogs_train.jsonl", "validation": "dialogs_validation.jsonl"}
+    BUILDER_CONFIGS = [_demo_config("chat", SPLIT_FILES)]
 
 
-class ShakespearePreferences(_BundledSplits, LocalPreferences):
-    """Demo preference pairs, four rating levels and safety labels, for the reward models."""
+class ShakespeareHelpfulness(_BundledSplits, LocalPreferences):
+    """Demo preference pairs for the helpfulness reward model: the true answer against a wrong one,
+    four rating levels, safety labels."""
 
-    BUILDER_CONFIGS = [LocalConfig(name="demo", format="preferences")]
-    SPLIT_FILES = {"train": "preferences_train.jsonl", "validation": "preferences_validation.jsonl"}
+    SPLIT_FILES = {"train": "helpfulness_pairs_train.jsonl", "validation": "helpfulness_pairs_validation.jsonl"}
+    BUILDER_CONFIGS = [_demo_config("preferences", SPLIT_FILES)]
+
+
+class ShakespeareSafety(_BundledSplits, LocalPreferences):
+    """Demo preference pairs for the safety reward model: a safe reply against an unsafe answer."""
+
+    SPLIT_FILES = {"train": "safety_pairs_train.jsonl", "validation": "safety_pairs_validation.jsonl"}
+    BUILDER_CONFIGS = [_demo_config("preferences", SPLIT_FILES)]
 
 
 _BUILDER_CLASSES = {"local_text": LocalText, "local_chat": LocalChat, "local_preferences": LocalPreferences}
 # Datasets bundled with the package, built on first use (llama2_jax/assets/demo/README.md).
 BUNDLED = {"shakespeare": Shakespeare, "shakespeare_dialogs": ShakespeareDialogs,
-           "shakespeare_preferences": ShakespearePreferences}
+           "shakespeare_helpfulness": ShakespeareHelpfulness, "shakespeare_safety": ShakespeareSafety}
 
 
 @contextlib.contextmanager
@@ -236,7 +266,8 @@ def build_local_dataset(name: str, paths: Sequence[str | os.PathLike], *, format
                         skip_bad_lines: bool = False) -> tfds.core.DatasetBuilder:
     """Builds (once) local files into the tfds dataset `<builder>/<name>` and returns its builder.
 
-    A dataset of that name built from other paths or options is an error, not a silent reuse.
+    A dataset of that name built from other paths or options is an error, not a silent reuse; one
+    whose files changed since it was built (size or modification time) is built again.
     """
     if format not in FORMATS:
         raise DataError(f"unknown data.format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -248,6 +279,12 @@ def build_local_dataset(name: str, paths: Sequence[str | os.PathLike], *, format
     builder_class = _BUILDER_CLASSES[_BUILDER_OF_FORMAT[format]]
     builder = _prepare(builder_class, config, data_dir)
     stored = dict(builder.info.metadata or {})
+    if stored.get("paths") == list(absolute_paths) and stored.get("inputs") != inputs_stamp(absolute_paths):
+        print(f"the files of dataset {builder.name}/{name} changed since it was built: building it again")
+        with build_lock(Path(builder.data_dir).parent.parent.parent):
+            shutil.rmtree(builder.data_dir, ignore_errors=True)
+        builder = _prepare(builder_class, config, data_dir)
+        stored = dict(builder.info.metadata or {})
     if stored.get("paths") != list(absolute_paths) or stored.get("format") != format:
         raise DataError(f"dataset {builder.name}/{name} in {builder.data_dir} was built from "
                         f"{stored.get('paths')} ({stored.get('format')}); choose another data.dataset name "
