@@ -1,0 +1,96 @@
+"""`python -m llama2_jax gatt`: build Ghost Attention training dialogs with the current policy.
+
+    python -m llama2_jax gatt --checkpoint runs/sft --out runs/gatt_dialogs.jsonl
+    python -m llama2_jax sft --config=configs/sft.py:tiny --workdir=runs/gatt \
+        --config.init_checkpoint=runs/sft --config.data.dataset=gatt \
+        --config.data.paths="('runs/gatt_dialogs.jsonl', 'llama2_jax/assets/demo/dialogs_train.jsonl')" \
+        --config.data.format=chat --config.data.holdout_fraction=0.05
+
+For each multi-turn dialog of `--dialogs` (default: the bundled demo's) an instruction is drawn (a
+character to answer as, a play to name, or both; half in the short form); the policy answers every
+turn with the instruction appended to each user turn (`--samples` answers sampled, the first that
+follows the instruction kept); the output keeps the instruction in the first user turn only and
+trains only the last answer of each example (llama2_jax/data/gatt.py). The output is chat JSON
+lines, ready for `sft` (mix in ordinary dialogs so the model keeps its manners).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Sequence
+
+import jax
+
+from llama2_jax.cli import ArgumentParser, reports_errors
+from llama2_jax.commands.generate import add_model_flags, load_for_sampling
+from llama2_jax.data.gatt import Conversation, converse, followed_turns, split_dialog, training_dialogs
+from llama2_jax.data.instructions import DEMO_DATA_DIR, InstructionSet, load_characters_and_plays
+from llama2_jax.data.records import jsonl_records, parse_chat_record
+from llama2_jax.generate import SamplingParams, answer_dialogs
+
+
+def read_dialogs(path: str) -> list[list[dict]]:
+    """The dialogs of a chat JSONL file (each line checked like a dataset's)."""
+    return [parse_chat_record(record)["messages"] for _, _, record in jsonl_records([path])]
+
+
+def conversations(dialogs: Sequence[Sequence[dict]], seed: int, every_turn: bool) -> list[Conversation]:
+    """One conversation per dialog with an instruction drawn for it (the same ones for a seed)."""
+    rng = random.Random(seed)
+    characters, plays = load_characters_and_plays()
+    result = []
+    for dialog in dialogs:
+        system, users = split_dialog(dialog)
+        result.append(Conversation(system, users, InstructionSet.sample(rng, characters, plays), every_turn))
+    return result
+
+
+def answer_with(model, tokenizer, args, samples: int = 1):
+    """`converse`'s answer function: the model's answer to each conversation's turn. With `samples`
+    > 1, that many answers are sampled and the first that follows the instruction is kept (else the
+    first): a small policy that follows an instruction only some of the time still yields data."""
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+
+    def answer(conversations, turn: int) -> list[str]:
+        dialogs = [conversation.messages(turn) for conversation in conversations]
+        candidates = [answer_dialogs(model, tokenizer, dialogs, max_new_tokens=args.answer_tokens, sampling=sampling,
+                                     seed=args.seed + 1000 * turn + 100_000 * sample, batch_size=args.batch_size)
+                      for sample in range(samples)]
+        return [next((reply for reply in replies if conversation.instruction.followed_by(reply)), replies[0])
+                for conversation, replies in zip(conversations, zip(*candidates))]
+
+    return answer
+
+
+def add_conversation_flags(parser: ArgumentParser, dialogs: str, temperature: float, many: bool = False) -> None:
+    add_model_flags(parser, temperature=temperature, top_p=0.9, many=many)
+    parser.add_argument("--dialogs", default=str(DEMO_DATA_DIR / dialogs),
+                        help=f"multi-turn chat JSONL whose user turns are used (default: the bundled {dialogs})")
+    parser.add_argument("--answer-tokens", type=int, default=48, help="longest answer per turn")
+    parser.add_argument("--batch-size", type=int, default=64, help="dialogs answered per generation call")
+
+
+@reports_errors
+def main(argv: Sequence[str]) -> int:
+    parser = ArgumentParser(prog="python -m llama2_jax gatt", description=__doc__)
+    add_conversation_flags(parser, "gatt_dialogs_train.jsonl", temperature=0.6)
+    parser.add_argument("--out", required=True, help="output chat JSONL")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="answers sampled per turn; the first that follows the instruction is kept")
+    args = parser.parse_args(argv)
+    model, tokenizer = load_for_sampling(args)
+    dialogs = conversations(read_dialogs(args.dialogs), args.seed, every_turn=True)
+    converse(dialogs, answer_with(model, tokenizer, args, args.samples), tokenizer, model.config.max_seq_len,
+             args.answer_tokens)
+    examples = [example for conversation in dialogs for example in training_dialogs(conversation)]
+    answered = sum(len(conversation.answers) for conversation in dialogs)
+    followed = sum(followed_turns(conversation) for conversation in dialogs)
+    if jax.process_index() == 0:
+        with open(args.out, "w", encoding="utf-8") as out:
+            for messages in examples:
+                out.write(json.dumps({"messages": messages}, ensure_ascii=False) + "\n")
+        print(f"{len(dialogs)} dialogs, {answered} turns answered with the instruction in every turn, "
+              f"{followed} of them in a row following it from the first: wrote {len(examples)} "
+              f"training dialogs to {args.out}")
+    return 0
