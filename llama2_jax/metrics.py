@@ -16,7 +16,10 @@ from collections.abc import Mapping
 from typing import Any, TextIO
 
 import jax
+import numpy as np
 
+# Vector-valued metrics are histograms over equal bins of this range (MetricsWriter).
+HISTOGRAM_RANGE = (0.0, 1.0)
 # Dense bf16 peak per chip, FLOP/s, matched against `jax.Device.device_kind`.
 PEAK_FLOPS_BY_DEVICE_KIND = (
     ("H100", 989.4e12),
@@ -80,9 +83,19 @@ def throughput(
     return rates
 
 
+def host_values(values: Mapping[str, Any]) -> dict[str, float | list[float]]:
+    """Metrics as Python numbers: scalars as floats, vectors (histograms) as lists of floats."""
+    values = jax.device_get(dict(values))
+    return {name: float(value) if np.ndim(value) == 0 else [float(x) for x in np.ravel(value)]
+            for name, value in values.items()}
+
+
 class MetricsWriter:
     """Appends one JSON object per logged step to `workdir/metrics.jsonl` and writes the same
-    scalars as TensorBoard events under `workdir/tensorboard`. Only process 0 writes."""
+    values as TensorBoard events under `workdir/tensorboard`. Only process 0 writes.
+
+    A vector value is a histogram: its entries are the amounts in equal bins over HISTOGRAM_RANGE
+    (scores as probabilities), shown by TensorBoard as a histogram."""
 
     def __init__(self, workdir: str, *, resume_after_step: int | None = None):
         self._enabled = jax.process_index() == 0
@@ -97,14 +110,28 @@ class MetricsWriter:
         self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
         self._jsonl = open(self.jsonl_path, "a")
 
-    def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
+    def write(self, step: int, values: Mapping[str, float | list[float]], prefix: str = "") -> None:
         if not self._enabled:
             return
-        values = {f"{prefix}{name}": float(value) for name, value in scalars.items()}
+        values = {f"{prefix}{name}": value for name, value in host_values(values).items()}
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
         for name, value in values.items():
-            self._tensorboard.add_scalar(name, value, step)
+            if isinstance(value, list):
+                self._add_histogram(name, np.asarray(value), step)
+            else:
+                self._tensorboard.add_scalar(name, value, step)
+
+    def _add_histogram(self, name: str, amounts: np.ndarray, step: int) -> None:
+        if not amounts.sum() > 0:
+            return
+        edges = np.linspace(*HISTOGRAM_RANGE, len(amounts) + 1)
+        centres = (edges[:-1] + edges[1:]) / 2
+        filled = np.flatnonzero(amounts)
+        self._tensorboard.add_histogram_raw(
+            name, min=edges[filled[0]], max=edges[filled[-1] + 1], num=amounts.sum(),
+            sum=float(amounts @ centres), sum_squares=float(amounts @ centres**2),
+            bucket_limits=edges[1:], bucket_counts=amounts, global_step=step)
 
     def close(self) -> None:
         if self._enabled:

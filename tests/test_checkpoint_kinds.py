@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from llama2_jax import sharding
 from llama2_jax.checkpoint import convert, layout
@@ -197,3 +198,20 @@ def test_checkpoint_config_tells_config_and_kind_without_the_weights(tmp_path, r
         config, found = checkpoint_config(path)
         assert found == kind, path
         assert (config.dim, config.n_kv_heads, config.vocab_size) == (32, 2, 128), path
+
+
+def test_a_language_model_loads_as_a_reward_model_with_a_new_score_head(mesh):
+    language_model = load_pretrained(os.path.join(FIXTURES, "gqa", "hf"), mesh=mesh)
+    reward_model = load_pretrained(os.path.join(FIXTURES, "gqa", "hf"), mesh=mesh, kind="reward", seed=3)
+    assert isinstance(reward_model, LlamaRewardModel)
+    backbone, with_head = model_arrays(language_model), model_arrays(reward_model)
+    assert set(backbone) - set(with_head) == {"output.kernel"} and set(with_head) - set(backbone) == {"score.kernel"}
+    for key in set(backbone) & set(with_head):
+        assert np.array_equal(np.asarray(with_head[key]), np.asarray(backbone[key])), key
+        assert with_head[key].sharding == backbone[key].sharding, key
+    # The head a new reward model of that shape would start with, from the same seed, laid out by the rules.
+    fresh = LlamaRewardModel(reward_model.config, rngs=nnx.Rngs(3))
+    np.testing.assert_allclose(np.asarray(with_head["score.kernel"]), np.asarray(fresh.score.kernel[...]), rtol=1e-6)
+    assert with_head["score.kernel"].sharding.spec == PartitionSpec("fsdp", None)
+    with pytest.raises(ValueError, match="holds a reward model, which has no next-token head"):
+        load_pretrained(os.path.join(REWARD, "hf"), mesh=mesh, kind="llama")

@@ -1,4 +1,5 @@
-"""grain pipeline: packing invariants, per-host shards, exact resume (also through orbax), global arrays."""
+"""grain pipeline: packing invariants, per-host shards, exact resume (also through orbax), global arrays,
+mixtures of sources."""
 
 import collections
 import json
@@ -10,7 +11,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llama2_jax.checkpoint.manager import CheckpointManager
 from llama2_jax.data import DataError, Tokenizer, default_data_config, make_batches, open_split
-from llama2_jax.data.pipeline import local_batches
+from llama2_jax.data.batch import BatchSpec, Field
+from llama2_jax.data.pipeline import Mixture, local_batches
 from llama2_jax.data.text import DocumentChunks, next_token_pieces, next_token_spec
 
 SEQ_LEN = 16
@@ -221,3 +223,23 @@ def test_bad_pipeline_inputs(shakespeare_config, synthetic_config, tokenizer, tm
     foreign.tokenized_dir = str(tmp_path / "nothing_here")
     with pytest.raises(DataError, match="holds no tokenized dataset"):
         text_batches(foreign, tokenizer, seq_len=64, global_batch_size=4)
+
+
+def test_a_mixture_draws_in_proportion_and_its_epoch_is_one_pass_over_the_first_source():
+    spec = BatchSpec({"value": Field((), "int32"), "weight": Field((), "float32", "ones")}, packed=False,
+                     weight_field="weight")
+
+    def encode(value):
+        return [{"value": np.int32(value), "weight": np.float32(1)}]
+
+    main, mixed_in = list(range(30)), list(range(1000, 1005))
+    source = Mixture([main, mixed_in], [0.75, 0.25])
+    assert len(source) == 40
+    one_epoch = make_batches(default_data_config(), source, spec, encode, global_batch_size=8, mesh=None, seed=0,
+                             num_epochs=1)
+    values = np.concatenate([batch["value"][batch["weight"] > 0] for batch in one_epoch])
+    assert sorted(values[values < 1000]) == main  # every example of the first source, once
+    assert collections.Counter(values[values >= 1000]) == {value: 2 for value in mixed_in}  # cycled alongside
+    endless = make_batches(default_data_config(), source, spec, encode, global_batch_size=8, mesh=None, seed=0)
+    drawn = np.concatenate([next(endless)["value"] for _ in range(30)])
+    assert np.mean(drawn >= 1000) == 0.25

@@ -1,7 +1,8 @@
 """Checkpoints: training checkpoints (manager.py) and Meta / Hugging Face / orbax weights in and out.
 
-    load_pretrained(path, dtype=None, *, param_dtype=None, mesh=None, rules=DEFAULT_RULES)
-        any of the three formats -> a Llama or LlamaRewardModel on a mesh
+    load_pretrained(path, dtype=None, *, param_dtype=None, mesh=None, rules=DEFAULT_RULES, kind=None)
+        any of the three formats -> a Llama or LlamaRewardModel on a mesh (kind="reward": a
+        language model's backbone under a new score head)
     load_tokenizer(path, tokenizer_path=None)
         the tokenizer that came with a checkpoint
     export_model(model, path, "meta" | "hf" | "orbax", tokenizer_path=None)

@@ -6,7 +6,8 @@ before the next is read, so the host never holds the whole model twice. Our orba
 restored by orbax directly into their shards.
 
 The model class follows the checkpoint: a language model loads as `Llama`, a reward model (our
-`kind: reward`, HF's `LlamaForSequenceClassification`) as `LlamaRewardModel`.
+`kind: reward`, HF's `LlamaForSequenceClassification`) as `LlamaRewardModel`. `kind="reward"` loads
+a language model as the start of a reward model: its backbone under a new score head.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from llama2_jax import sharding
 from llama2_jax.checkpoint import hf, layout, meta, orbax_params
 from llama2_jax.checkpoint.lazy import LazyArray
 from llama2_jax.model.config import LlamaConfig
-from llama2_jax.model.llama import MODEL_KINDS, Transformer
+from llama2_jax.model.llama import MODEL_KINDS, Llama, LlamaRewardModel, Transformer, model_kind
 
 if TYPE_CHECKING:
     from llama2_jax.data.tokenizer import Tokenizer
@@ -81,10 +82,17 @@ def load_pretrained(
     param_dtype: Any = None,
     mesh: jax.sharding.Mesh | None = None,
     rules=sharding.DEFAULT_RULES,
+    kind: str | None = None,
+    seed: int = 0,
     **config_overrides: Any,
 ) -> Transformer:
     """The checkpoint's model (`Llama` or `LlamaRewardModel`), sharded over `mesh` (default: all
     local devices) by the logical-axis `rules`: laid out exactly as a train state under those rules.
+
+    `kind` (a key of MODEL_KINDS) asks for a model of that kind instead: a language model loads as a
+    reward model by keeping its backbone and starting a new score head (`LlamaRewardModel`'s own
+    initialisation, drawn from `seed`); a reward model has no next-token head to become a language
+    model. None: the checkpoint's own kind.
 
     As in Flax, `dtype` is the computation dtype (default: the one the checkpoint records) and
     `param_dtype` the dtype the weights are kept in (default: the checkpoint's own, e.g. bfloat16
@@ -103,16 +111,47 @@ def load_pretrained(
     if mesh is None:
         mesh = sharding.make_mesh(devices=jax.local_devices())
     if format == "orbax":
-        return _restore_orbax(path, mesh, rules, config_overrides)
-    config, tensors = read_checkpoint(path, format, **config_overrides)
-    stacked = layout.stack_layers(config, tensors, dtype=config.param_dtype)
-    return sharding.model_from_arrays(
-        config,
-        mesh,
-        {name: lazy.load for name, lazy in stacked.items()},
-        rules,
-        model_class=MODEL_KINDS[layout.kind_of(tensors)],
-    )
+        model = _restore_orbax(path, mesh, rules, config_overrides)
+    else:
+        config, tensors = read_checkpoint(path, format, **config_overrides)
+        stacked = layout.stack_layers(config, tensors, dtype=config.param_dtype)
+        model = sharding.model_from_arrays(
+            config,
+            mesh,
+            {name: lazy.load for name, lazy in stacked.items()},
+            rules,
+            model_class=MODEL_KINDS[layout.kind_of(tensors)],
+        )
+    saved_kind = model_kind(type(model))
+    if kind is None or kind == saved_kind:
+        return model
+    layout.check_kind(kind)
+    if (saved_kind, kind) != ("llama", "reward"):
+        raise ValueError(
+            f"{path} holds a {saved_kind} model, which has no next-token head to load as a {kind} "
+            "model; load it as it is, or give a language model checkpoint"
+        )
+    return _with_new_score_head(model, mesh, rules, seed)
+
+
+def _with_new_score_head(model: Llama, mesh: jax.sharding.Mesh, rules, seed: int) -> LlamaRewardModel:
+    """A reward model made of the language model's backbone (its arrays as they are, already laid
+    out by `rules`) and a score head initialised as a new `LlamaRewardModel`'s would be."""
+    config = model.config
+    graphdef, abstract_state = sharding.abstract_model(config, LlamaRewardModel)
+    shardings = dict(nnx.to_flat_state(sharding.state_shardings(abstract_state, mesh, rules)))
+    backbone = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    head = ("score", "kernel")
+    # Only the head leaves the jitted initialisation; the compiler drops the backbone's.
+    new_head = jax.jit(
+        lambda: nnx.state(LlamaRewardModel(config, rngs=nnx.Rngs(seed)), nnx.Param)["score"]["kernel"][...],
+        out_shardings=shardings[head].get_value(),
+    )()
+    placed = [
+        (path, abstract.replace(new_head if path == head else backbone[path][...]))
+        for path, abstract in nnx.to_flat_state(abstract_state)
+    ]
+    return nnx.merge(graphdef, nnx.from_flat_state(placed))
 
 
 def _restore_orbax(

@@ -1,6 +1,7 @@
 """grain loading for every stage: shard per host, shuffle, encode, pack or pad, batch, global arrays.
 
-    examples (this host's share) -> shuffle(seed), reshuffled each epoch
+    examples (this host's share) -> shuffle(seed), reshuffled each epoch (a `Mixture`: several
+      sources, each so, drawn from in proportion)
       -> the task's encoder: one example -> zero or more pieces (an example it cannot use: none)
       -> packed (`BatchSpec.packed`): pieces of per-token arrays, first-fit packed into rows of
          seq_len; segment ids 1, 2, ... per piece and 0 on padding, positions restarting at 0
@@ -13,8 +14,9 @@ pipeline knows nothing else about the task: text, dialogs and preference pairs a
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grain
@@ -48,9 +50,28 @@ def open_split(data_config: ml_collections.ConfigDict, split: str, tokenizer: To
     return sources.data_source(builder, split)
 
 
+@dataclasses.dataclass(frozen=True)
+class Mixture:
+    """Example sources drawn from in proportion to `weights`, in grain's fixed interleaving
+    (`MapDataset.mix`). An epoch is one pass over the first source; the others are cycled alongside,
+    reshuffled at each of their own passes. Give one wherever a source is expected."""
+
+    sources: Sequence[Any]
+    weights: Sequence[float]
+
+    def __len__(self) -> int:
+        """Examples drawn in one epoch."""
+        return round(len(self.sources[0]) * sum(self.weights) / self.weights[0])
+
+
 def host_examples(source, *, seed: int, process_index: int, process_count: int,
                   num_epochs: int | None, shuffle: bool = True) -> grain.MapDataset:
     """This host's share of the examples (every process_count-th one), shuffled anew each epoch."""
+    if isinstance(source, Mixture):
+        parts = [host_examples(part, seed=seed + index, process_index=process_index, process_count=process_count,
+                               num_epochs=num_epochs if index == 0 else None, shuffle=shuffle)
+                 for index, part in enumerate(source.sources)]
+        return grain.MapDataset.mix(parts, source.weights)
     examples = grain.MapDataset.source(source)[process_index::process_count]
     if len(examples) == 0:
         raise DataError(f"process {process_index} of {process_count} gets no examples: the dataset has "

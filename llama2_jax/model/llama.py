@@ -290,12 +290,19 @@ class Llama(Transformer):
 
 
 class LlamaRewardModel(Transformer):
-    """The reward model: the backbone with a scalar head in place of the next-token head."""
+    """The reward model: the backbone with a scalar head in place of the next-token head.
+
+    The head starts as N(0, 1/(dim + 1)), as in Stiennon et al. 2020 (and close to the 0.02 that
+    transformers gives a 7B-wide LlamaForSequenceClassification): the final norm's output has unit
+    scale per feature, so initial scores are of order 1 at any width, and the backbone gets a
+    gradient of useful size from the first step (a zero head would give it none until the head grew).
+    """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         super().__init__(config, rngs=rngs)
         self.score = nnx.Module()
-        self.score.kernel = _param(rngs, (config.dim, 1), config.param_dtype, (axes.EMBED, None))
+        self.score.kernel = _param(rngs, (config.dim, 1), config.param_dtype, (axes.EMBED, None),
+                                   stddev=(config.dim + 1) ** -0.5)
 
     def __call__(
         self,

@@ -1,0 +1,245 @@
+"""Reward models: helpfulness or safety, trained on preference pairs with a ranking loss.
+
+    python -m llama2_jax reward --config=configs/reward.py:tiny --workdir=runs/reward
+    python -m llama2_jax reward --config=configs/reward.py:tiny,safety --workdir=runs/reward_safety
+    python -m llama2_jax reward --config=configs/reward.py:7b --config.init_checkpoint=runs/sft-7b \
+        --workdir=/data/runs/reward-7b
+
+The model is the initial checkpoint's backbone with a scalar head in place of the next-token head
+(a language model gets a new head; a reward model, ours or a Hugging Face
+LlamaForSequenceClassification, keeps its own), scoring the last token of prompt + response in the
+Llama 2 chat format. Both responses of a pair go through the model in the same batch
+(llama2_jax/data/preferences.py, llama2_jax/train/preference_loss.py). Training reads `data.dataset`
+mixed with the datasets of `reward.mix` in their shares; evaluations read the held-out split of
+`data.dataset` alone. With `train.steps` 0 the run lasts `train.epochs` passes over `data.dataset`.
+Pairs that cannot be used are counted by reason before training starts. At the end the last
+evaluation is printed by rating level and safety bin, and its score histogram is drawn to
+`WORKDIR/score_histogram.png`. The workdir loads with `llama2_jax.load_pretrained` as the reward
+model and scores with `llama2_jax.reward.score` or `python -m llama2_jax score`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from llama2_jax import plots
+from llama2_jax.checkpoint.load import checkpoint_config, load_pretrained, load_tokenizer
+from llama2_jax.config_cli import ConfigError
+from llama2_jax.data import sources
+from llama2_jax.data.pipeline import Mixture, make_batches, open_split
+from llama2_jax.data.preferences import PairCounts, PreferencePairs, preference_spec, scan
+from llama2_jax.data.records import RATING_LEVELS, DataError
+from llama2_jax.data.tokenizer import Tokenizer
+from llama2_jax.train.config import model_config_from
+from llama2_jax.train.loop import TrainResult, train
+from llama2_jax.train.preference_loss import MARGINS, SAFETY_BINS, UNSAFE_THRESHOLD, make_preference_loss
+from llama2_jax.train.task import Task
+
+STAGE = "reward"
+CONFIG_DOCS = {
+    "init_checkpoint": "the model to start from: a chat/SFT or pretrained language model (it gets a new score "
+                       "head), or a reward model (ours, or Hugging Face LlamaForSequenceClassification)",
+    "reward.margin": "m(rating) in the loss, strongest level first: none, small (1, 2/3, 1/3, 0) or large "
+                     "(3, 2, 1, 0); with a margin, unrated pairs are skipped",
+    "reward.centering": "weight of the reward-centering term (r_chosen + r_rejected)^2 (0: off)",
+    "reward.safety_rule": "skip pairs whose chosen answer is unsafe while the rejected one is safe (the "
+                          "paper's safety model)",
+    "reward.mix": "other prepared preference datasets drawn into training, ((name, share of the pairs), ...); "
+                  "data.dataset takes the rest, and an epoch is one pass over it",
+}
+# Fields that fix the weights' shapes: the initial checkpoint must agree with the config on all of them.
+SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
+HISTOGRAM_FILE = "score_histogram.png"
+
+log = logging.getLogger(__name__)
+
+
+def reward_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
+    """The initial checkpoint's tokenizer; data.tokenizer_path (else the bundled one) only when the
+    checkpoint has none. A data.tokenizer_path that differs from the checkpoint's is an error."""
+    if not config.init_checkpoint:
+        raise ConfigError("set --config.init_checkpoint to the model to start from (an SFT or chat model, a "
+                          "pretrained one, or a reward model)")
+    try:
+        own = load_tokenizer(config.init_checkpoint)
+    except FileNotFoundError:
+        if not os.path.isdir(config.init_checkpoint):
+            raise
+        return Tokenizer(config.data.tokenizer_path or None)
+    given = config.data.tokenizer_path
+    if given and Path(given).read_bytes() != own.path.read_bytes():
+        raise ValueError(f"data.tokenizer_path {given} is not the tokenizer of {config.init_checkpoint} "
+                         f"({own.path}), which the model was trained with; leave data.tokenizer_path empty")
+    return own
+
+
+def check_initial_checkpoint(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
+    """One clear error if the initial checkpoint is of another shape than the config, or if the
+    tokenizer does not fit the model."""
+    saved, _ = checkpoint_config(config.init_checkpoint)
+    wanted = model_config_from(config)
+    differ = [f"{field} {getattr(saved, field)} (config: {getattr(wanted, field)})" for field in SHAPE_FIELDS
+              if getattr(saved, field) != getattr(wanted, field)]
+    if differ:
+        raise ValueError(f"{config.init_checkpoint} does not have the config's shape: " + ", ".join(differ)
+                         + "; pick the config size of that checkpoint or set --config.model.KEY to match")
+    if tokenizer.vocab_size > wanted.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model only "
+                         f"{wanted.vocab_size}; use the tokenizer the model was trained with")
+
+
+def mixture(config: ml_collections.ConfigDict) -> tuple[list[str], list[float]]:
+    """The training datasets and their shares of the pairs: data.dataset first, with what
+    reward.mix leaves."""
+    names, shares = [config.data.dataset], []
+    for entry in config.reward.mix:
+        if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], (int, float)) and entry[1] > 0):
+            raise ConfigError(f"reward.mix entry {entry!r} is not (dataset name, share > 0); e.g. "
+                              "--config.reward.mix='((\"safety_pairs\", 0.5),)'")
+        names.append(entry[0])
+        shares.append(float(entry[1]))
+    if sum(shares) >= 1:
+        raise ConfigError(f"the shares of reward.mix add up to {sum(shares):g}, leaving nothing for data.dataset "
+                          f"{config.data.dataset}; make them add up to less than 1")
+    return names, [1 - sum(shares), *shares]
+
+
+def open_preferences(config: ml_collections.ConfigDict, name: str, split: str, tokenizer: Tokenizer):
+    """The `split` of preference dataset `name`: data.dataset as the data section says (built from
+    data.paths if given), another one already prepared in data.data_dir."""
+    if name == config.data.dataset:
+        return open_split(config.data, split, tokenizer, kind="preferences")
+    builder = sources.prepared_dataset(name, config.data.data_dir or None)
+    sources.check_kind(builder, "preferences")
+    return sources.data_source(builder, split)
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """A config error for a key a reward model cannot use, before any data or weights are read."""
+    if config.train.z_loss_weight or config.train.eval_tasks:
+        raise ConfigError("train.z_loss_weight and train.eval_tasks act on next-token logits, which a reward "
+                          "model has none of; leave them 0 and empty")
+    if config.reward.margin not in MARGINS:
+        raise ConfigError(f"reward.margin={config.reward.margin!r}; choose one of {', '.join(MARGINS)}")
+    mixture(config)
+
+
+def pair_encoder(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> PreferencePairs:
+    return PreferencePairs(tokenizer, config.train.seq_len, needs_rating=config.reward.margin != "none",
+                           safety_rule=config.reward.safety_rule)
+
+
+def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> Task:
+    """The ranking loss over the preference pairs of `config.data` and `config.reward.mix`, from
+    `config.init_checkpoint` loaded as a reward model."""
+    check_config(config)
+    model_config = model_config_from(config)
+    train_config, data = config.train, config.data
+    spec = preference_spec(train_config.seq_len)
+
+    def batches(mesh, rules, split: str, num_epochs: int | None):
+        pair_tokenizer = tokenizer or reward_tokenizer(config)
+        if split == data.train_split:
+            names, shares = mixture(config)
+            source = Mixture([open_preferences(config, name, split, pair_tokenizer) for name in names], shares)
+        else:
+            source = open_preferences(config, data.dataset, split, pair_tokenizer)
+        return make_batches(data, source, spec, pair_encoder(config, pair_tokenizer),
+                            global_batch_size=train_config.global_batch_size, mesh=mesh, rules=rules,
+                            seed=train_config.seed, num_epochs=num_epochs)
+
+    def initial_model(mesh, rules):
+        return load_pretrained(
+            config.init_checkpoint, dtype=model_config.compute_dtype, param_dtype=model_config.param_dtype,
+            mesh=mesh, rules=rules, kind="reward", seed=train_config.seed, attention=model_config.attention,
+            remat=model_config.remat, max_seq_len=model_config.max_seq_len)
+
+    return Task(
+        model_config=model_config,
+        loss_fn=make_preference_loss(margin=config.reward.margin, centering=config.reward.centering),
+        batch_spec=spec,
+        train_batches=lambda mesh, rules: batches(mesh, rules, data.train_split, None),
+        eval_batches=((lambda mesh, rules: batches(mesh, rules, data.eval_split, 1))
+                      if train_config.eval_every else None),
+        initial_model=initial_model,
+        model_kind="reward",
+        tokenizer_path=str(tokenizer.path) if tokenizer else None,
+    )
+
+
+def count_pairs(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list[PairCounts]:
+    """What the encoder makes of every training dataset, printed; an error for a dataset of which
+    nothing can be trained on."""
+    encoder = pair_encoder(config, tokenizer)
+    counts = [scan(name, open_preferences(config, name, config.data.train_split, tokenizer), encoder)
+              for name in mixture(config)[0]]
+    for found in counts:
+        report(f"training pairs: {found.summary()}")
+        if found.used == 0:
+            hint = ("; rate its pairs or set --config.reward.margin=none" if found.skipped["unrated"]
+                    else "; check the dataset and train.seq_len")
+            raise DataError(f"none of the {found.total} pairs of {found.name} can be trained on{hint}")
+    if config.train.eval_every:
+        held_out = open_preferences(config, config.data.dataset, config.data.eval_split, tokenizer)
+        report(f"held-out pairs: {scan(config.data.dataset, held_out, encoder).summary()}")
+    return counts
+
+
+def steps_for_epochs(config: ml_collections.ConfigDict, counts: list[PairCounts]) -> int:
+    """Optimizer steps for `train.epochs` passes over data.dataset: the pairs drawn from every
+    dataset meanwhile (in their shares), less those skipped, over the batch size."""
+    _, shares = mixture(config)
+    drawn = counts[0].total / shares[0]
+    rows = sum(share * drawn * found.used / found.total for share, found in zip(shares, counts))
+    return max(1, math.ceil(config.train.epochs * rows / config.train.global_batch_size))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+    """Train the reward model as `config` says in `workdir` (resuming if it holds checkpoints)."""
+    check_config(config)
+    tokenizer = reward_tokenizer(config)
+    check_initial_checkpoint(config, tokenizer)
+    counts = count_pairs(config, tokenizer)
+    if not config.train.steps:
+        if config.train.epochs <= 0:
+            raise ConfigError("set --config.train.steps or --config.train.epochs")
+        config.train.steps = steps_for_epochs(config, counts)
+        log.info("%g epochs of %s: %d steps", config.train.epochs, config.data.dataset, config.train.steps)
+    result = train(config, workdir, make_task(config, tokenizer))
+    if result.eval_metrics and not result.interrupted and jax.process_index() == 0:
+        print(evaluation_table(result.eval_metrics, config.train.steps))
+        path = os.path.join(workdir, HISTOGRAM_FILE)
+        histograms = {side: result.eval_metrics[f"{side}_score_histogram"] for side in ("chosen", "rejected")}
+        plots.histograms(path, histograms, xlabel="score σ(r)", ylabel="share of pairs",
+                         title=f"held-out pairs of {config.data.dataset} after step {config.train.steps}")
+        print(f"wrote the held-out score histogram to {path}")
+    return result
+
+
+def evaluation_table(values: dict, step: int) -> str:
+    """The last evaluation by rating level and safety bin: accuracy and pairs counted."""
+    lines = [f"\nheld-out accuracy after step {step}: {values['accuracy']:.3f} over {values['weight']:.0f} pairs",
+             f"  mean score chosen {values['chosen_score']:.3f}, rejected {values['rejected_score']:.3f}, "
+             f"margin {values['score_margin']:.3f}"]
+    for group, names in (("rating", RATING_LEVELS), ("safety (chosen, rejected)", SAFETY_BINS)):
+        counted = [name for name in names if values[f"accuracy_{name}_weight"]]
+        lines += [f"  by {group}:"] if counted else []
+        lines += [f"    {name:<28} {values[f'accuracy_{name}']:.3f}  ({values[f'accuracy_{name}_weight']:.0f} pairs)"
+                  for name in counted]
+    if values["unsafe_recall_weight"]:
+        lines.append(f"  unsafe answers scored below {UNSAFE_THRESHOLD}: {values['unsafe_recall']:.3f} "
+                     f"({values['unsafe_recall_weight']:.0f} answers)")
+    return "\n".join(lines)
+
+
+def report(line: str) -> None:
+    log.info("%s", line)
+    if jax.process_index() == 0:
+        print(line)
