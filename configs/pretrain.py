@@ -12,6 +12,7 @@ bundled Shakespeare corpus on a laptop CPU (tiny: about two minutes on two cores
 
 import ml_collections
 
+from llama2_jax.data.config import DEMO_DATA_DIR
 from llama2_jax.train.config import CPU_SIZES, Schedule, base_config
 
 PAPER_TOKENS = 2_000_000_000_000
@@ -31,6 +32,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     if size not in SCHEDULES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SCHEDULES)}")
     config = base_config("pretrain", size, SCHEDULES[size])
+    if size in CPU_SIZES:  # the bundled multiple-choice task: real next lines against shuffled ones
+        config.train.eval_tasks = (str(DEMO_DATA_DIR / "next_line_choice.jsonl"),)
     config.train.sample_prompt = "ROMEO:" if size in CPU_SIZES else ""
     config.train.sample_length = 64
     return config

@@ -116,7 +116,7 @@ def test_run_logs_checkpoints_and_learns(straight_run):
     assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
     for name in ("grad_norm", "learning_rate", "tokens_per_s", "tflops_per_device", "step_time_s"):
         assert name in train_records[-1]
-    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]  # step 0: the model the run starts from
     assert train_records[-1]["loss"] < train_records[0]["loss"]
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     assert os.listdir(os.path.join(workdir, "tensorboard"))

@@ -64,7 +64,9 @@ def stage_steps(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     """The steps the training loop would build for `config`, on a mesh over `devices`."""
     stage = importlib.import_module(f"llama2_jax.stages.{config.stage}")
     mesh = sharding.make_mesh(config.mesh, devices=devices)
-    return build_steps(stage.make_task(config), config, mesh, tuple(tuple(rule) for rule in config.rules))
+    # A stage trained by epochs learns its length from its data; the compiled step does not depend on it.
+    return build_steps(stage.make_task(config), config, mesh, tuple(tuple(rule) for rule in config.rules),
+                       schedule_steps=max(config.train.steps, 1))
 
 
 def report(compiled, hbm_gib: float | None) -> list[str]:

@@ -22,6 +22,7 @@ from llama2_jax import generate
 from llama2_jax.data.pipeline import load_tokenizer, make_batches, open_split
 from llama2_jax.data.text import DocumentChunks, next_token_spec, unigram_entropy
 from llama2_jax.data.tokenizer import Tokenizer
+from llama2_jax.eval.multiple_choice import task_evaluator
 from llama2_jax.train.config import model_config_from
 from llama2_jax.train.loop import TrainResult, train
 from llama2_jax.train.losses import make_next_token_loss
@@ -54,6 +55,7 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
         batch_spec=spec,
         train_batches=lambda mesh, rules: batches(mesh, rules, data.train_split, None),
         eval_batches=(lambda mesh, rules: batches(mesh, rules, data.eval_split, 1)) if train_config.eval_every else None,
+        model_evals=task_evaluator(train_config.eval_tasks, tokenizer) if tokenizer and train_config.eval_tasks else None,
         tokenizer_path=str(tokenizer.path) if tokenizer else None,
     )
 

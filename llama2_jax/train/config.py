@@ -67,7 +67,7 @@ def base_config(stage: str, size: str, schedule: Schedule) -> ml_collections.Con
     config.train = ml_collections.ConfigDict(dict(
         steps=schedule.steps, epochs=schedule.epochs, global_batch_size=schedule.global_batch_size,
         seq_len=schedule.seq_len, seed=0, log_every=10 if cpu else 50, eval_every=100 if cpu else 1000,
-        eval_steps=8, checkpoint_every=100 if cpu else 1000, keep_checkpoints=3, z_loss_weight=0.0,
+        eval_steps=8, eval_tasks=(), checkpoint_every=100 if cpu else 1000, keep_checkpoints=3, z_loss_weight=0.0,
         peak_flops=0.0,
     ))
     config.data = default_data_config()
@@ -121,6 +121,8 @@ KEY_DOCS = {
     "train.log_every": "steps between logged metrics",
     "train.eval_every": "steps between evaluations on the held-out split (0: never)",
     "train.eval_steps": "batches per evaluation (0: the whole held-out split)",
+    "train.eval_tasks": "multiple-choice task files (JSON lines: context, choices, answer) scored at every "
+                        "evaluation, logged as eval_<file stem>_accuracy",
     "train.checkpoint_every": "steps between checkpoints",
     "train.keep_checkpoints": "newest checkpoints kept",
     "train.z_loss_weight": "PaLM's z-loss on log Z^2 (0: off, as in the paper)",

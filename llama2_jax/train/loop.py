@@ -43,8 +43,8 @@ class TrainResult:
     graphdef: nnx.GraphDef
     mesh: Mesh
     rules: Any
-    metrics: dict[str, float]  # the last logged training metrics
-    eval_metrics: dict[str, float]  # the last evaluation's
+    metrics: dict[str, float | list[float]]  # the last logged training metrics (lists: histograms)
+    eval_metrics: dict[str, float | list[float]]  # the last evaluation's
     interrupted: bool  # stopped by SIGTERM or Ctrl-C before config.train.steps
 
     def model(self) -> nnx.Module:
@@ -159,6 +159,8 @@ class _Run:
         window_start, window_steps = None, 0
         first_step_start = time.perf_counter()
         interrupted = False
+        if step == 0 and cfg.eval_every and self.task.eval_batches:
+            self._evaluate(step, state)  # where the run starts from: the baseline later evaluations beat
         with _StopSignal() as stop:
             while step < cfg.steps:
                 if self._should_stop(stop, step):
@@ -200,7 +202,7 @@ class _Run:
         return bool(np.any(multihost_utils.process_allgather(np.array(stop.requested))))
 
     def _log(self, step: int, step_metrics: Metrics, elapsed: float, steps: int) -> None:
-        values = {name: float(value) for name, value in jax.device_get(step_metrics).items()}
+        values = metrics_lib.host_values(step_metrics)
         values.pop("weight", None)
         if steps > 0 and elapsed > 0:
             values["step_time_s"] = elapsed / steps
@@ -219,12 +221,17 @@ class _Run:
         for index, batch in enumerate(batches):
             if limit is not None and index >= limit:
                 break
-            sums = self.steps.eval_step(state.params, batch)
+            # One evaluation step at a time: independent programs with collectives that run at once
+            # can deadlock on a CPU host's simulated devices, which share one small thread pool.
+            sums = jax.block_until_ready(self.steps.eval_step(state.params, batch))
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
         if totals is None:
             log.warning("evaluation at step %d found no batches", step)
             return
-        values = {name: float(value) for name, value in jax.device_get(normalised_metrics(totals)).items()}
+        values = metrics_lib.host_values(normalised_metrics(totals))
+        if self.task.model_evals:
+            model = nnx.merge(self.steps.graphdef, state.params)
+            values.update(self.task.model_evals(model, self.steps.mesh, self.steps.rules))
         self.last_eval_metrics = values
         self.writer.write(step, values, prefix="eval_")
         self.progress.log(metrics_lib.format_line(f"eval at step {step}", values))

@@ -37,6 +37,8 @@ class Task:
     `initial_model(mesh, rules)`: the starting model, sharded by those rules (None: a random model
     of `model_kind` from `config.train.seed`; fine-tuning loads pretrained weights here). A
     checkpoint in the workdir wins over both.
+    `model_evals(model, mesh, rules)`: metrics of the whole model at each evaluation, beside the
+    loss function's (multiple-choice tasks, say), logged with the `eval_` prefix.
     """
 
     model_config: LlamaConfig
@@ -45,6 +47,7 @@ class Task:
     train_batches: Callable[[Mesh, Rules], Iterator[Batch]]
     eval_batches: Callable[[Mesh, Rules], Iterable[Batch]] | None = None
     initial_model: Callable[[Mesh, Rules], nnx.Module] | None = None
+    model_evals: Callable[[nnx.Module, Mesh, Rules], dict[str, float]] | None = None
     model_kind: str = "llama"  # a key of llama2_jax.model.llama.MODEL_KINDS
     tokenizer_path: str | None = None
 
