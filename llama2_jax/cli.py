@@ -6,8 +6,9 @@ is one module, one config file and one line in `STAGES`. Commands that are not s
 `llama2_jax/commands/`, one module each with a `main(argv)`.
 
 Exit status: 0 on success, 2 for a usage error (an unknown flag, config key or value), 1 for a
-runtime error (bad data, a missing checkpoint, a model that does not fit). Either way the error is
-one line on stderr that names the problem and the fix; set LLAMA2_JAX_TRACEBACK=1 to see the
+runtime error (bad data, a missing checkpoint, a model that does not fit), 75 for a stage stopped
+by SIGTERM or Ctrl-C with its checkpoint saved (rerun the same command to resume: what
+launch/gpu_slurm.sbatch requeues on). An error is one line on stderr that names the problem and the fix; set LLAMA2_JAX_TRACEBACK=1 to see the
 traceback instead. `--help` works for every command, and with `--config` it also lists every key
 of that config with its value and what it means.
 """
@@ -25,18 +26,26 @@ from collections.abc import Callable, Sequence
 # command: (module, what it does). A stage's module lives in llama2_jax/stages/.
 STAGES = {
     "train": ("llama2_jax.stages.pretrain", "pretrain a model on text (configs/pretrain.py)"),
+    "sft": ("llama2_jax.stages.sft", "fine-tune on dialogs, the loss on the answers (configs/sft.py)"),
+    "reward": ("llama2_jax.stages.reward", "train a helpfulness or safety reward model on preference pairs "
+               "(configs/reward.py)"),
 }
 COMMANDS = {
     "generate": ("llama2_jax.commands.generate", "sample completions for a file of prompts"),
+    "score": ("llama2_jax.commands.score", "score responses to prompts with a reward model"),
     "chat": ("llama2_jax.commands.chat", "interactive chat with a checkpoint"),
+    "eval": ("llama2_jax.commands.eval", "perplexity on held-out text, or a multiple-choice task"),
     "convert": ("llama2_jax.commands.convert", "convert checkpoints between meta, hf and orbax"),
     "tokenizer": ("llama2_jax.commands.tokenizer", "train or inspect a SentencePiece tokenizer"),
     "data": ("llama2_jax.commands.data", "build, tokenize and inspect datasets"),
+    "gatt": ("llama2_jax.commands.gatt", "build Ghost Attention dialogs with the current policy"),
+    "gatt-eval": ("llama2_jax.commands.gatt_eval", "does a model keep following a first-turn instruction?"),
+    "distill": ("llama2_jax.commands.distill", "safety context distillation: answers under a safety preprompt"),
     "bench": ("llama2_jax.commands.bench", "training and sampling throughput benchmarks"),
     "aot": ("llama2_jax.commands.aot", "compile a stage's training step ahead of time; memory per device"),
 }
 # Commands that run one process per host on a pod or cluster, and so join the job first.
-MULTI_PROCESS_COMMANDS = (*STAGES, "generate", "bench")
+MULTI_PROCESS_COMMANDS = (*STAGES, "generate", "score", "bench")
 
 
 class UsageError(ValueError):
@@ -106,7 +115,12 @@ def run_stage(argv: Sequence[str], *, command: str, module_name: str) -> int:
         raise UsageError(f"that config is for the {config.stage} stage; run `python -m llama2_jax {owner}`")
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    stage.run(config, args.workdir)
+    if stage.run(config, args.workdir).interrupted:
+        from llama2_jax.distributed import RESUMABLE_EXIT_STATUS
+
+        print(f"stopped with a checkpoint saved in {args.workdir}; rerun the same command to resume",
+              file=sys.stderr)
+        return RESUMABLE_EXIT_STATUS
     return 0
 
 
@@ -131,9 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     if command in MULTI_PROCESS_COMMANDS and not {"-h", "--help"} & set(rest):
-        from llama2_jax.distributed import initialize_from_environment
+        from llama2_jax.distributed import LayoutError, initialize_from_environment
 
-        initialize_from_environment()
+        try:
+            initialize_from_environment()
+        except LayoutError as error:
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 1
     if command in STAGES:
         return run_stage(rest, command=command, module_name=STAGES[command][0])
     return importlib.import_module(COMMANDS[command][0]).main(rest)

@@ -73,9 +73,22 @@ def test_runtime_errors_exit_1_with_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("config_file", CONFIG_FILES, ids=os.path.basename)
 def test_every_config_key_is_documented(config_file):
-    sizes = ("tiny", "7b", "70b")
-    for size in sizes:
+    variants = {"sft.py": ("tiny,gatt",), "reward.py": ("tiny,safety", "70b,safety")}
+    for size in ("tiny", "7b", "70b", *variants.get(os.path.basename(config_file), ())):
         config = load_config_file(f"{config_file}:{size}")
         docs = key_docs(config)
         undocumented = [key for key in flat_keys(config) if not docs.get(key)]
         assert not undocumented, f"{config_file}:{size} keys without a meaning: {undocumented}"
+
+
+def test_a_stage_stopped_with_its_checkpoint_saved_exits_75_for_the_launcher_to_requeue(monkeypatch, capsys, tmp_path):
+    import types
+
+    from llama2_jax.distributed import RESUMABLE_EXIT_STATUS
+    from llama2_jax.stages import pretrain
+
+    monkeypatch.setattr(pretrain, "run", lambda config, workdir: types.SimpleNamespace(interrupted=True))
+    assert cli.main(["train", "--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}"]) == RESUMABLE_EXIT_STATUS == 75
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    monkeypatch.setattr(pretrain, "run", lambda config, workdir: types.SimpleNamespace(interrupted=False))
+    assert cli.main(["train", "--config=configs/pretrain.py:tiny", f"--workdir={tmp_path}"]) == 0
