@@ -117,6 +117,16 @@ def summary(name: str, result: dict) -> str:
     return line + f", step {result['step_s'] * 1000:.1f} ms (compile {result['compile_s']:.0f} s)"
 
 
+def config_flag(argv: Sequence[str]) -> str | None:
+    """The value of `--config=FILE.py:SIZE` or `--config FILE.py:SIZE`; None without one."""
+    for index, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config":
+            return argv[index + 1] if index + 1 < len(argv) else ""
+    return None
+
+
 def main_train(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog="python -m llama2_jax bench train", description=__doc__)
     parser.add_argument("--shape", choices=sorted(SHAPES),
@@ -128,7 +138,8 @@ def main_train(argv: Sequence[str]) -> int:
         parser.print_help()
         config_cli.print_config_help(argv)
         return 0
-    has_config = any(arg == "--config" or arg.startswith("--config=") for arg in argv)
+    config_file = config_flag(argv)
+    has_config = config_file is not None
     if has_config:
         config, rest = config_cli.parse_config_flags(argv)
     else:
@@ -136,7 +147,7 @@ def main_train(argv: Sequence[str]) -> int:
     args = parser.parse_args(rest)
     if has_config and args.shape:
         raise UsageError("give --shape or --config, not both")
-    name = args.shape or (args.config if has_config else ("tiny" if jax.default_backend() == "cpu" else "1b"))
+    name = args.shape or config_file or ("tiny" if jax.default_backend() == "cpu" else "1b")
     if not has_config:
         config = shape_config(name, [arg for arg in argv if arg.startswith("--config.")])
     result = bench_train(config, timed_steps=args.steps, warmup_steps=args.warmup)

@@ -15,11 +15,16 @@ Rerunning with the same workdir resumes from its newest checkpoint. From a noteb
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import ml_collections
 
 from llama2_jax import generate
+from llama2_jax.data import tokenized
 from llama2_jax.data.pipeline import load_tokenizer, make_batches, open_split
+from llama2_jax.data.row_batches import make_row_batches
 from llama2_jax.data.text import DocumentChunks, next_token_spec, unigram_entropy
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.eval.multiple_choice import task_evaluator
@@ -38,24 +43,39 @@ CONFIG_DOCS = {
 def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> Task:
     """The language-modelling task over `config.data`. The tokenizer is loaded when batches are
     first made, unless given."""
-    model_config = model_config_from(config)
+    return next_token_task(config, tokenizer, kind="text", pieces=DocumentChunks,
+                           default_tokenizer=lambda: load_tokenizer(config.data))
+
+
+def next_token_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None, *, kind: str,
+                    pieces: Callable[[Tokenizer, int], Any], default_tokenizer: Callable[[], Tokenizer],
+                    initial_model: Callable | None = None) -> Task:
+    """Next-token loss over the examples of `config.data` (`kind` "text" or "chat"), each cut into
+    pieces of at most seq_len by `pieces(tokenizer, seq_len)` and packed: pretraining, and SFT with
+    pieces that weigh only the answers."""
     train_config, data = config.train, config.data
     spec = next_token_spec(train_config.seq_len)
 
     def batches(mesh, rules, split: str, num_epochs: int | None):
-        documents_tokenizer = tokenizer or load_tokenizer(data)
-        return make_batches(
-            data, open_split(data, split, documents_tokenizer, kind="text"), spec,
-            DocumentChunks(documents_tokenizer, train_config.seq_len), global_batch_size=train_config.global_batch_size,
-            mesh=mesh, rules=rules, seed=train_config.seed, num_epochs=num_epochs)
+        split_tokenizer = tokenizer or default_tokenizer()
+        options = {"global_batch_size": train_config.global_batch_size, "mesh": mesh, "rules": rules,
+                   "seed": train_config.seed, "num_epochs": num_epochs}
+        if kind == "text" and tokenized.is_configured(data):  # packed ahead of time: read by row index
+            rows = tokenized.open_rows(data, split, split_tokenizer, train_config.seq_len)
+            return make_row_batches(data, rows, spec, **options)
+        return make_batches(data, open_split(data, split, split_tokenizer, kind=kind), spec,
+                            pieces(split_tokenizer, train_config.seq_len), **options)
 
+    evaluates_tasks = tokenizer is not None and train_config.eval_tasks
     return Task(
-        model_config=model_config,
+        model_config=model_config_from(config),
         loss_fn=make_next_token_loss(z_loss_weight=train_config.z_loss_weight),
         batch_spec=spec,
         train_batches=lambda mesh, rules: batches(mesh, rules, data.train_split, None),
-        eval_batches=(lambda mesh, rules: batches(mesh, rules, data.eval_split, 1)) if train_config.eval_every else None,
-        model_evals=task_evaluator(train_config.eval_tasks, tokenizer) if tokenizer and train_config.eval_tasks else None,
+        eval_batches=((lambda mesh, rules: batches(mesh, rules, data.eval_split, 1))
+                      if train_config.eval_every else None),
+        initial_model=initial_model,
+        model_evals=task_evaluator(train_config.eval_tasks, tokenizer) if evaluates_tasks else None,
         tokenizer_path=str(tokenizer.path) if tokenizer else None,
     )
 
@@ -70,8 +90,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
             f"{task.model_config.vocab_size}; set --config.model.vocab_size={tokenizer.vocab_size} "
             "or use another data.tokenizer_path")
     if jax.process_index() == 0:
-        source = open_split(config.data, config.data.train_split, tokenizer, kind="text")
-        entropy = unigram_entropy(source, DocumentChunks(tokenizer, config.train.seq_len), tokenizer.vocab_size)
+        entropy = unigram_entropy(*_training_examples(config, tokenizer), tokenizer.vocab_size)
         print(f"unigram entropy of the training tokens: {entropy:.3f} nats")
     result = train(config, workdir, task)
     if config.train.sample_prompt and config.train.sample_length > 0 and not result.interrupted:
@@ -79,6 +98,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         if jax.process_index() == 0:
             print(f"\n--- sample ---\n{text}\n--------------")
     return result
+
+
+def _training_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> tuple[Any, Callable]:
+    """The training split's examples and what cuts one into pieces (a packed row is a piece already)."""
+    data, seq_len = config.data, config.train.seq_len
+    if tokenized.is_configured(data):
+        return tokenized.open_rows(data, data.train_split, tokenizer, seq_len), lambda row: [row]
+    return open_split(data, data.train_split, tokenizer, kind="text"), DocumentChunks(tokenizer, seq_len)
 
 
 def sample(result: TrainResult, tokenizer: Tokenizer, prompt: str, length: int, seed: int = 0) -> str:
