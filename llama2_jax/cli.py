@@ -43,6 +43,7 @@ COMMANDS = {
     "distill": ("llama2_jax.commands.distill", "safety context distillation: answers under a safety preprompt"),
     "bench": ("llama2_jax.commands.bench", "training and sampling throughput benchmarks"),
     "aot": ("llama2_jax.commands.aot", "compile a stage's training step ahead of time; memory per device"),
+    "plot": ("llama2_jax.commands.plot", "draw a run's loss, learning rate, throughput and evaluation figures"),
 }
 # Commands that run one process per host on a pod or cluster, and so join the job first.
 MULTI_PROCESS_COMMANDS = (*STAGES, "generate", "score", "bench")
@@ -115,13 +116,35 @@ def run_stage(argv: Sequence[str], *, command: str, module_name: str) -> int:
         raise UsageError(f"that config is for the {config.stage} stage; run `python -m llama2_jax {owner}`")
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if stage.run(config, args.workdir).interrupted:
+    result = stage.run(config, args.workdir)
+    draw_figures(args.workdir)
+    if result.interrupted:
         from llama2_jax.distributed import RESUMABLE_EXIT_STATUS
 
         print(f"stopped with a checkpoint saved in {args.workdir}; rerun the same command to resume",
               file=sys.stderr)
         return RESUMABLE_EXIT_STATUS
     return 0
+
+
+def draw_figures(workdir: str) -> None:
+    """The run's figures beside its TensorBoard logs (llama2_jax/plots.py), from process 0, also
+    after an interruption. A figure that cannot be drawn is a warning: the training itself is done."""
+    import jax
+
+    from llama2_jax import plots
+
+    if jax.process_index() != 0 or not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
+        return
+    log = logging.getLogger(__name__)
+    try:
+        written = plots.draw_run(workdir)
+    except (OSError, ValueError) as error:
+        log.warning("could not draw the run's figures: %s; draw them with `python -m llama2_jax plot %s`",
+                    one_line(error), workdir)
+        return
+    for path in written:
+        log.info("drew %s", path)
 
 
 def _usage() -> str:

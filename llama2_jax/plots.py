@@ -1,30 +1,132 @@
 """Figures written into a workdir as PNG files (matplotlib, drawn off-screen).
 
+    draw_run("runs/tiny")   # the paths written: loss.png, learning_rate.png, throughput.png, ...
     histograms(path, {"chosen": [...], "rejected": [...]}, title=..., xlabel=...)
 
-Each function takes plain numbers (what metrics.jsonl holds) and writes one figure.
+`draw_run` reads a run's `metrics.jsonl` and draws only what it holds, beside the TensorBoard logs:
+
+    loss.png              training loss and held-out loss against step
+    learning_rate.png     the schedule as it was applied
+    throughput.png        training tokens/s (all devices)
+    eval_metrics.png      every other held-out scalar: task accuracies, a reward model's accuracy by
+                          rating level and safety bin and its recall of unsafe answers (one panel),
+                          scores and margins (another)
+    score_histogram.png   a reward model's last held-out σ(score) histograms, chosen against rejected
+
+The stage runner draws them when a run ends, interrupted or not; `python -m llama2_jax plot WORKDIR`
+draws them again. Figures are matplotlib `Figure` objects rather than pyplot's, so drawing never
+switches the backend of a notebook that shows its own plots.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from llama2_jax.metrics import HISTOGRAM_RANGE
+from llama2_jax.metrics import HISTOGRAM_RANGE, read_metrics
+
+SCORE_HISTOGRAM_FILE = "score_histogram.png"
+# file: (title, y-axis label, {metric: legend label}), drawn when any of its metrics was logged.
+LINE_FIGURES = {
+    "loss.png": ("loss", "loss", {"loss": "training", "eval_loss": "held-out"}),
+    "learning_rate.png": ("learning rate", "learning rate", {"learning_rate": "learning rate"}),
+    "throughput.png": ("training throughput", "tokens/s (all devices)", {"tokens_per_s": "tokens/s"}),
+}
+EVAL_METRICS_FILE = "eval_metrics.png"
+# Held-out metrics that are shares of examples (0 to 1) share a panel: their names contain one of these.
+SHARE_WORDS = ("accuracy", "recall")
+
+Series = dict[str, tuple[list[int], list[float]]]  # metric -> (steps, values)
+
+
+def draw_run(workdir: str | os.PathLike) -> list[str]:
+    """Draw the figures of the run in `workdir` from its metrics.jsonl; the paths written, in the
+    order of the module docstring. A workdir without metrics.jsonl is an error naming the fix."""
+    workdir = os.fspath(workdir)
+    records = run_records(workdir)
+    series = scalar_series(records)
+    written = []
+    for name, (title, ylabel, labels) in LINE_FIGURES.items():
+        lines = {label: series[metric] for metric, label in labels.items() if metric in series}
+        if lines:
+            written.append(_draw_panels(os.path.join(workdir, name), [(title, ylabel, lines)]))
+    panels = held_out_panels(series)
+    if panels:
+        written.append(_draw_panels(os.path.join(workdir, EVAL_METRICS_FILE), panels))
+    histogram_record = last_score_histograms(records)
+    if histogram_record is not None:
+        written.append(score_histograms(os.path.join(workdir, SCORE_HISTOGRAM_FILE), histogram_record,
+                                        dataset=_dataset_name(workdir)))
+    return written
+
+
+def run_records(workdir: str) -> list[dict[str, Any]]:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist, so there is nothing to draw; give the --workdir of a "
+                                "train, sft or reward run (they log their metrics there)")
+    return read_metrics(workdir)
+
+
+def scalar_series(records: Sequence[Mapping[str, Any]]) -> Series:
+    """Every scalar metric as (steps, values). A value whose `<name>_weight` is 0 was measured on
+    nothing (a rating level absent from the held-out pairs, say) and is left out."""
+    series: Series = {}
+    for record in records:
+        for name, value in record.items():
+            if name == "step" or not isinstance(value, (int, float)) or record.get(f"{name}_weight", 1) == 0:
+                continue
+            steps, values = series.setdefault(name, ([], []))
+            steps.append(record["step"])
+            values.append(float(value))
+    return series
+
+
+def held_out_panels(series: Series) -> list[tuple[str, str, Series]]:
+    """The held-out scalars other than the loss and the counts behind them: shares in one panel,
+    the rest (scores, margins) in another."""
+    metrics = {name: values for name, values in series.items()
+               if name.startswith("eval_") and name != "eval_loss" and not name.endswith("weight")}
+    shares = {name: values for name, values in metrics.items() if any(word in name for word in SHARE_WORDS)}
+    others = {name: values for name, values in metrics.items() if name not in shares}
+    panels = []
+    if shares:
+        panels.append(("held-out accuracy", "share of examples", _without_prefix(shares)))
+    if others:
+        panels.append(("other held-out metrics", "value", _without_prefix(others)))
+    return panels
+
+
+def last_score_histograms(records: Sequence[Mapping[str, Any]]) -> dict[str, Any] | None:
+    """The last record holding a reward model's held-out score histograms, if any."""
+    for record in reversed(records):
+        if "eval_chosen_score_histogram" in record and "eval_rejected_score_histogram" in record:
+            return dict(record)
+    return None
+
+
+def score_histograms(path: str, record: Mapping[str, Any], *, dataset: str = "") -> str:
+    """A reward model's held-out σ(score) histograms of chosen and rejected answers, from one
+    metrics record; the path written."""
+    amounts = {side: record[f"eval_{side}_score_histogram"] for side in ("chosen", "rejected")}
+    pairs = f"held-out pairs of {dataset}" if dataset else "held-out pairs"
+    histograms(path, amounts, title=f"{pairs} at step {record['step']}", xlabel="score σ(r)",
+               ylabel="share of pairs")
+    return path
 
 
 def histograms(path: str | os.PathLike, amounts: Mapping[str, Sequence[float]], *, title: str,
                xlabel: str, ylabel: str = "share") -> None:
     """Overlaid histograms, one per label, each the amounts in equal bins over HISTOGRAM_RANGE (as
     the metrics writer logs them)."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axis = pyplot.subplots(figsize=(6.4, 4.0))
+    figure = Figure(figsize=(6.4, 4.0))
+    axis = figure.subplots()
     for label, values in amounts.items():
         edges = np.linspace(*HISTOGRAM_RANGE, len(values) + 1)
         axis.stairs(values, edges, label=label, fill=True, alpha=0.45)
@@ -32,4 +134,37 @@ def histograms(path: str | os.PathLike, amounts: Mapping[str, Sequence[float]], 
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    pyplot.close(figure)
+
+
+def _draw_panels(path: str, panels: Sequence[tuple[str, str, Series]]) -> str:
+    """One figure of panels stacked over a shared step axis, each (title, y label, lines)."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8.0, 1.0 + 3.2 * len(panels)), layout="constrained")
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for axis, (title, ylabel, lines) in zip(axes, panels):
+        for label, (steps, values) in lines.items():
+            # Evaluations are sparse: markers keep a single one visible.
+            axis.plot(steps, values, label=label, marker="o" if len(steps) <= 50 else None, markersize=3)
+        axis.set(title=title, ylabel=ylabel)
+        axis.grid(alpha=0.3)
+        if len(lines) > 3:
+            axis.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+        else:
+            axis.legend(fontsize="small")
+    axes[-1].set_xlabel("step")
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _without_prefix(series: Series) -> Series:
+    return {name.removeprefix("eval_"): values for name, values in series.items()}
+
+
+def _dataset_name(workdir: str) -> str:
+    """The run's data.dataset from its config.json, for a title; empty when unknown."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as config_file:
+            return str(json.load(config_file)["data"]["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ""

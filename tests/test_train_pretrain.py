@@ -43,6 +43,9 @@ def test_trains_on_the_bundled_corpus(eight_steps, capsys):
     with open(os.path.join(eight_steps, "model_config.json")) as model_config:
         assert json.load(model_config)["vocab_size"] == 4096
     assert os.path.getsize(os.path.join(eight_steps, "tokenizer.model")) > 0
+    # The stage runner draws the run's figures when it ends (tests/test_plots.py checks their pixels).
+    assert sorted(name for name in os.listdir(eight_steps) if name.endswith(".png")) == [
+        "learning_rate.png", "loss.png", "throughput.png"]
 
 
 def test_four_steps_then_four_more_equal_eight_data_position_included(eight_steps, tmp_path):

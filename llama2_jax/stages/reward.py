@@ -13,29 +13,27 @@ Llama 2 chat format. Both responses of a pair go through the model in the same b
 mixed with the datasets of `reward.mix` in their shares; evaluations read the held-out split of
 `data.dataset` alone. With `train.steps` 0 the run lasts `train.epochs` passes over `data.dataset`.
 Pairs that cannot be used are counted by reason before training starts. At the end the last
-evaluation is printed by rating level and safety bin, and its score histogram is drawn to
-`WORKDIR/score_histogram.png`. The workdir loads with `llama2_jax.load_pretrained` as the reward
-model and scores with `llama2_jax.reward.score` or `python -m llama2_jax score`.
+evaluation is printed by rating level and safety bin; the stage runner draws its score histogram
+to `WORKDIR/score_histogram.png` with the run's other figures (llama2_jax/plots.py). The workdir
+loads with `llama2_jax.load_pretrained` as the reward model and scores with
+`llama2_jax.reward.score` or `python -m llama2_jax score`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import os
-from pathlib import Path
 
 import jax
 import ml_collections
 
-from llama2_jax import plots
-from llama2_jax.checkpoint.load import checkpoint_config, load_pretrained, load_tokenizer
 from llama2_jax.config_cli import ConfigError
 from llama2_jax.data import sources
 from llama2_jax.data.pipeline import Mixture, make_batches, open_split
 from llama2_jax.data.preferences import PairCounts, PreferencePairs, preference_spec, scan
 from llama2_jax.data.records import RATING_LEVELS, DataError
 from llama2_jax.data.tokenizer import Tokenizer
+from llama2_jax.stages.initial import (check_initial_checkpoint, initial_tokenizer, load_initial_model,
+                                       set_steps_from_epochs)
 from llama2_jax.train.config import model_config_from
 from llama2_jax.train.loop import TrainResult, train
 from llama2_jax.train.preference_loss import MARGINS, SAFETY_BINS, UNSAFE_THRESHOLD, make_preference_loss
@@ -53,45 +51,8 @@ CONFIG_DOCS = {
     "reward.mix": "other prepared preference datasets drawn into training, ((name, share of the pairs), ...); "
                   "data.dataset takes the rest, and an epoch is one pass over it",
 }
-# Fields that fix the weights' shapes: the initial checkpoint must agree with the config on all of them.
-SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
-HISTOGRAM_FILE = "score_histogram.png"
 
 log = logging.getLogger(__name__)
-
-
-def reward_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
-    """The initial checkpoint's tokenizer; data.tokenizer_path (else the bundled one) only when the
-    checkpoint has none. A data.tokenizer_path that differs from the checkpoint's is an error."""
-    if not config.init_checkpoint:
-        raise ConfigError("set --config.init_checkpoint to the model to start from (an SFT or chat model, a "
-                          "pretrained one, or a reward model)")
-    try:
-        own = load_tokenizer(config.init_checkpoint)
-    except FileNotFoundError:
-        if not os.path.isdir(config.init_checkpoint):
-            raise
-        return Tokenizer(config.data.tokenizer_path or None)
-    given = config.data.tokenizer_path
-    if given and Path(given).read_bytes() != own.path.read_bytes():
-        raise ValueError(f"data.tokenizer_path {given} is not the tokenizer of {config.init_checkpoint} "
-                         f"({own.path}), which the model was trained with; leave data.tokenizer_path empty")
-    return own
-
-
-def check_initial_checkpoint(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> None:
-    """One clear error if the initial checkpoint is of another shape than the config, or if the
-    tokenizer does not fit the model."""
-    saved, _ = checkpoint_config(config.init_checkpoint)
-    wanted = model_config_from(config)
-    differ = [f"{field} {getattr(saved, field)} (config: {getattr(wanted, field)})" for field in SHAPE_FIELDS
-              if getattr(saved, field) != getattr(wanted, field)]
-    if differ:
-        raise ValueError(f"{config.init_checkpoint} does not have the config's shape: " + ", ".join(differ)
-                         + "; pick the config size of that checkpoint or set --config.model.KEY to match")
-    if tokenizer.vocab_size > wanted.vocab_size:
-        raise ValueError(f"the tokenizer {tokenizer.path} has {tokenizer.vocab_size} pieces but the model only "
-                         f"{wanted.vocab_size}; use the tokenizer the model was trained with")
 
 
 def mixture(config: ml_collections.ConfigDict) -> tuple[list[str], list[float]]:
@@ -145,7 +106,7 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
     spec = preference_spec(train_config.seq_len)
 
     def batches(mesh, rules, split: str, num_epochs: int | None):
-        pair_tokenizer = tokenizer or reward_tokenizer(config)
+        pair_tokenizer = tokenizer or initial_tokenizer(config)
         if split == data.train_split:
             names, shares = mixture(config)
             source = Mixture([open_preferences(config, name, split, pair_tokenizer) for name in names], shares)
@@ -155,12 +116,6 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
                             global_batch_size=train_config.global_batch_size, mesh=mesh, rules=rules,
                             seed=train_config.seed, num_epochs=num_epochs)
 
-    def initial_model(mesh, rules):
-        return load_pretrained(
-            config.init_checkpoint, dtype=model_config.compute_dtype, param_dtype=model_config.param_dtype,
-            mesh=mesh, rules=rules, kind="reward", seed=train_config.seed, attention=model_config.attention,
-            remat=model_config.remat, max_seq_len=model_config.max_seq_len)
-
     return Task(
         model_config=model_config,
         loss_fn=make_preference_loss(margin=config.reward.margin, centering=config.reward.centering),
@@ -168,7 +123,7 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
         train_batches=lambda mesh, rules: batches(mesh, rules, data.train_split, None),
         eval_batches=((lambda mesh, rules: batches(mesh, rules, data.eval_split, 1))
                       if train_config.eval_every else None),
-        initial_model=initial_model,
+        initial_model=lambda mesh, rules: load_initial_model(config, mesh, rules, kind="reward"),
         model_kind="reward",
         tokenizer_path=str(tokenizer.path) if tokenizer else None,
     )
@@ -192,34 +147,24 @@ def count_pairs(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list
     return counts
 
 
-def steps_for_epochs(config: ml_collections.ConfigDict, counts: list[PairCounts]) -> int:
-    """Optimizer steps for `train.epochs` passes over data.dataset: the pairs drawn from every
-    dataset meanwhile (in their shares), less those skipped, over the batch size."""
+def pairs_per_epoch(config: ml_collections.ConfigDict, counts: list[PairCounts]) -> float:
+    """Pairs trained on in one pass over data.dataset: those drawn from every dataset meanwhile (in
+    their shares), less those skipped."""
     _, shares = mixture(config)
     drawn = counts[0].total / shares[0]
-    rows = sum(share * drawn * found.used / found.total for share, found in zip(shares, counts))
-    return max(1, math.ceil(config.train.epochs * rows / config.train.global_batch_size))
+    return sum(share * drawn * found.used / found.total for share, found in zip(shares, counts))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Train the reward model as `config` says in `workdir` (resuming if it holds checkpoints)."""
     check_config(config)
-    tokenizer = reward_tokenizer(config)
+    tokenizer = initial_tokenizer(config)
     check_initial_checkpoint(config, tokenizer)
     counts = count_pairs(config, tokenizer)
-    if not config.train.steps:
-        if config.train.epochs <= 0:
-            raise ConfigError("set --config.train.steps or --config.train.epochs")
-        config.train.steps = steps_for_epochs(config, counts)
-        log.info("%g epochs of %s: %d steps", config.train.epochs, config.data.dataset, config.train.steps)
+    set_steps_from_epochs(config, pairs_per_epoch(config, counts))
     result = train(config, workdir, make_task(config, tokenizer))
     if result.eval_metrics and not result.interrupted and jax.process_index() == 0:
         print(evaluation_table(result.eval_metrics, config.train.steps))
-        path = os.path.join(workdir, HISTOGRAM_FILE)
-        histograms = {side: result.eval_metrics[f"{side}_score_histogram"] for side in ("chosen", "rejected")}
-        plots.histograms(path, histograms, xlabel="score σ(r)", ylabel="share of pairs",
-                         title=f"held-out pairs of {config.data.dataset} after step {config.train.steps}")
-        print(f"wrote the held-out score histogram to {path}")
     return result
 
 
