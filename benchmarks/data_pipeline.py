@@ -1,4 +1,5 @@
-"""Input pipeline throughput: tokens/s of packed batches, tokenizing on the fly and pre-tokenized.
+"""Input pipeline throughput: tokens/s of packed batches, tokenizing on the fly and pre-tokenized
+(rows packed once, read by index).
 
     python benchmarks/data_pipeline.py [--seq-len 4096] [--batch-size 8] [--batches 200]
 
@@ -15,18 +16,28 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from llama2_jax.data import tokenized  # noqa: E402
 from llama2_jax.data.config import default_data_config  # noqa: E402
 from llama2_jax.data.pipeline import local_batches, open_split  # noqa: E402
+from llama2_jax.data.row_batches import make_row_batches  # noqa: E402
 from llama2_jax.data.text import DocumentChunks, next_token_spec  # noqa: E402
 from llama2_jax.data.tokenizer import Tokenizer  # noqa: E402
 
 
-def measure(data_config, tokenizer, *, seq_len: int, batch_size: int, batches: int) -> tuple[float, float]:
-    """Pretraining's batches, exactly as the `train` command makes them."""
+def host_batches(data_config, tokenizer, *, seq_len: int, batch_size: int):
+    """Pretraining's batches as the `train` command makes them, as numpy arrays on this host."""
+    spec = next_token_spec(seq_len)
+    if tokenized.is_configured(data_config):
+        rows = tokenized.open_rows(data_config, "train", tokenizer, seq_len)
+        return make_row_batches(data_config, rows, spec, global_batch_size=batch_size, mesh=None, seed=0)
     source = open_split(data_config, "train", tokenizer, kind="text")
-    dataset, _ = local_batches(data_config, source, next_token_spec(seq_len), DocumentChunks(tokenizer, seq_len),
+    dataset, _ = local_batches(data_config, source, spec, DocumentChunks(tokenizer, seq_len),
                                local_batch_size=batch_size, seed=0)
-    iterator = iter(dataset)
+    return iter(dataset)
+
+
+def measure(data_config, tokenizer, *, seq_len: int, batch_size: int, batches: int) -> tuple[float, float]:
+    iterator = host_batches(data_config, tokenizer, seq_len=seq_len, batch_size=batch_size)
     next(iterator)  # warm up: opening files, starting threads
     positions = real = 0
     start = time.perf_counter()

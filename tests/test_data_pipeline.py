@@ -194,16 +194,7 @@ def test_one_pass_over_validation_holds_every_token_then_padding_rows(shakespear
     assert all(not weights.any() for (_, weights), is_used in zip(rows, used) if not is_used)
 
 
-def test_pretokenized_dataset_gives_the_same_batches(shakespeare_config, tokenizer):
-    pretokenized = default_data_config()
-    pretokenized.update(shakespeare_config)
-    pretokenized.pretokenize = True
-    on_the_fly = text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, seed=5)
-    from_tokens = text_batches(pretokenized, tokenizer, seq_len=64, global_batch_size=4, seed=5)
-    assert_same_batches(take(on_the_fly, 5), take(from_tokens, 5))
-
-
-def test_bad_pipeline_inputs(shakespeare_config, synthetic_config, tokenizer, tmp_path):
+def test_bad_pipeline_inputs(shakespeare_config, synthetic_config, tokenizer):
     with pytest.raises(DataError, match="no split 'test'"):
         text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, split="test")
     with pytest.raises(DataError, match="gets no examples"):
@@ -218,11 +209,6 @@ def test_bad_pipeline_inputs(shakespeare_config, synthetic_config, tokenizer, tm
         global_batch_size=2, mesh=None, seed=0)
     with pytest.raises(DataError, match="nothing to train on"):
         next(no_weights)
-    foreign = default_data_config()
-    foreign.update(shakespeare_config)
-    foreign.tokenized_dir = str(tmp_path / "nothing_here")
-    with pytest.raises(DataError, match="holds no tokenized dataset"):
-        text_batches(foreign, tokenizer, seq_len=64, global_batch_size=4)
 
 
 def test_a_mixture_draws_in_proportion_and_its_epoch_is_one_pass_over_the_first_source():

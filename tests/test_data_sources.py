@@ -120,7 +120,7 @@ def test_data_cli_build_info_tokenize_by_bare_name(tmp_path, capsys):
     assert "--config.data.dataset=cli" in capsys.readouterr().out
     assert data_command.main(["--data-dir", data_dir, "info", "--dataset", "local_text/cli"]) == 0
     # As the README writes it: the bare name a local dataset was built under.
-    assert data_command.main(["--data-dir", data_dir, "tokenize", "--dataset", "cli",
+    assert data_command.main(["--data-dir", data_dir, "tokenize", "--dataset", "cli", "--seq-len", "16",
                               "--out", str(tmp_path / "tokens")]) == 0
     assert (tmp_path / "tokens" / "train.array_record").is_file()
     capsys.readouterr()

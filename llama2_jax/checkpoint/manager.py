@@ -40,6 +40,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 
+from llama2_jax import storage
 from llama2_jax.checkpoint import layout
 
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -60,9 +61,15 @@ class CheckpointError(RuntimeError):
     """No checkpoint can be restored: none is readable, or one does not fit the restore target."""
 
 
+# An iterator state (a dict) with this key set is the same on every process: a checkpoint holding
+# it resumes on any number of processes (data/row_batches.py's position is one).
+SAME_ON_EVERY_PROCESS = "same_on_every_process"
+
+
 class IteratorStateHandler(ocp.CheckpointHandler):
     """The data iterator's position (`get_state()`, JSON-serialisable), one file per process:
-    each process reads its own shard of the data and resumes its own position."""
+    each process reads its own shard of the data and resumes its own position, unless the position
+    says it is SAME_ON_EVERY_PROCESS, which any number of processes can resume."""
 
     def save(self, directory: epath.Path, args: IteratorStateSave) -> None:
         _process_file(directory).write_text(json.dumps(args.state))
@@ -70,15 +77,20 @@ class IteratorStateHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: IteratorStateRestore | None = None) -> Any:
         """This process's saved position."""
         path = _process_file(directory)
-        if not path.exists():
-            written = sorted(p.name for p in directory.glob("process_*.json")) if directory.exists() else []
-            if written:
-                raise CheckpointError(
-                    f"{path} is missing: the checkpoint was written by a different number of "
-                    f"processes ({', '.join(written)}); resume with as many processes"
-                )
+        if path.exists():
+            return json.loads(path.read_text())
+        written = sorted(directory.glob("process_*.json")) if directory.exists() else []
+        if not written:
             raise FileNotFoundError(f"{path} is missing")
-        return json.loads(path.read_text())
+        state = json.loads(written[0].read_text())
+        if isinstance(state, dict) and state.get(SAME_ON_EVERY_PROCESS):
+            return state
+        raise CheckpointError(
+            f"{path} is missing: the checkpoint was written by a different number of processes "
+            f"({', '.join(p.name for p in written)}), each at its own position in the data; resume with as "
+            "many processes, or train on pre-tokenized data (data.tokenized_dir or data.pretokenize), "
+            "whose position is the same for any number of processes"
+        )
 
     def metadata(self, directory: epath.Path) -> None:
         return None
@@ -104,11 +116,7 @@ class IteratorStateRestore(ocp.args.CheckpointArgs):
 
 def checkpoint_dir(workdir: str) -> str:
     """The checkpoints' directory, absolute (orbax refuses relative paths); URLs stay as given."""
-    return os.path.join(_absolute(workdir), CHECKPOINTS_SUBDIR)
-
-
-def _absolute(workdir: str) -> str:
-    return workdir if "://" in str(workdir) else os.path.abspath(workdir)
+    return os.fspath(storage.as_path(workdir) / CHECKPOINTS_SUBDIR)
 
 
 class CheckpointManager:
@@ -117,7 +125,7 @@ class CheckpointManager:
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
         self.workdir = workdir
         self.directory = checkpoint_dir(workdir)
-        self.unreadable_directory = os.path.join(_absolute(workdir), UNREADABLE_SUBDIR)
+        self.unreadable_directory = os.fspath(storage.as_path(workdir) / UNREADABLE_SUBDIR)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -231,7 +239,7 @@ class CheckpointManager:
         ]
         if problems:
             more = f" (and {len(problems) - 1} more differences)" if len(problems) > 1 else ""
-            run_config = os.path.join(_absolute(self.workdir), "config.json")
+            run_config = storage.as_path(self.workdir) / "config.json"
             raise CheckpointError(
                 f"checkpoint step {step} in {self.directory} does not fit the train state: "
                 f"{problems[0]}{more}. The model or optimizer config differs from the one it was "
@@ -315,18 +323,16 @@ def write_run_files(
     layout.check_kind(model_kind)
     if jax.process_index() != 0:
         return
-    directory = epath.Path(workdir)
+    directory = storage.as_path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / "config.json", config)
     _write_json(directory / "model_config.json", {**model_config, "kind": model_kind})
     if tokenizer_path:
         destination = directory / "tokenizer.model"
-        source = epath.Path(tokenizer_path)
-        if not (destination.exists() and os.path.samefile(source, destination)):
+        source = storage.as_path(tokenizer_path)
+        if not (destination.exists() and storage.same_file(source, destination)):
             destination.write_bytes(source.read_bytes())
 
 
 def _write_json(path: epath.Path, values: Mapping[str, Any]) -> None:
-    temporary = path.parent / (path.name + ".tmp")
-    temporary.write_text(json.dumps(dict(values), indent=2, sort_keys=True))
-    temporary.replace(path)
+    storage.write_whole(path, json.dumps(dict(values), indent=2, sort_keys=True))

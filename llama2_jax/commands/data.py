@@ -1,8 +1,9 @@
 """`python -m llama2_jax data <build|tokenize|info>`: build tfds datasets from local files, tokenize
-them once into array_record token ids, and show what a dataset holds.
+them once into array_record rows of token ids packed to the training length, and show what a
+dataset holds.
 
     data build --name mycorpus --format text --input docs/ --holdout-fraction 0.01
-    data tokenize --dataset local_text/mycorpus --out /data/mycorpus_tokens [--tokenizer tok.model]
+    data tokenize --dataset local_text/mycorpus --seq-len 4096 --out /data/mycorpus_4096 [--tokenizer tok.model]
     data info --dataset shakespeare
 """
 
@@ -32,10 +33,14 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     build.add_argument("--holdout-fraction", type=float, default=0.0, help="share held out as `validation`")
     build.add_argument("--skip-bad-lines", action="store_true", help="skip and count malformed lines")
 
-    tokenize = commands.add_parser("tokenize", help="tokenize a text dataset once into array_record token ids")
+    tokenize = commands.add_parser("tokenize", help="tokenize a text dataset once into packed rows of token ids")
     tokenize.add_argument("--dataset", default="shakespeare",
                           help="a prepared text dataset: shakespeare, a local one by name (mycorpus), a tfds name")
     tokenize.add_argument("--out", required=True, help="output directory (set it as data.tokenized_dir)")
+    tokenize.add_argument("--seq-len", type=int, required=True,
+                          help="predictions per row: the train.seq_len the rows are read with")
+    tokenize.add_argument("--packing-bins", type=int, default=tokenized.DEFAULT_PACKING_BINS,
+                          help="rows the first-fit packer fills at once (more: less padding, slower)")
     tokenize.add_argument("--tokenizer", default=None, help="SentencePiece .model (default: the bundled one)")
 
     info = commands.add_parser("info", help="splits, sizes and metadata of a prepared dataset")
@@ -59,9 +64,10 @@ def main(argv: Sequence[str]) -> int:
     elif args.command == "tokenize":
         builder = sources.prepared_dataset(args.dataset, data_dir)
         sources.check_kind(builder, "text")
-        metadata = tokenized.write_tokenized(builder, Tokenizer(args.tokenizer), args.out)
+        metadata = tokenized.write_tokenized(builder, Tokenizer(args.tokenizer), args.out, seq_len=args.seq_len,
+                                             packing_bins=args.packing_bins)
         print(json.dumps(metadata["splits"], indent=2))
-        print(f"train with --config.data.tokenized_dir={args.out}")
+        print(f"train with --config.data.tokenized_dir={args.out} --config.train.seq_len={args.seq_len}")
     else:
         print(sources.describe(sources.prepared_dataset(args.dataset, data_dir)))
     return 0

@@ -24,12 +24,14 @@ DATA_DOCS = {
     "tokenizer_path": "SentencePiece .model (empty: the checkpoint's, else the bundled 4096-piece one)",
     "seed": "shuffle seed (-1: train.seed)",
     "shuffle": "shuffle examples (anew every epoch) and packed rows; off only for debugging",
-    "packing_bins": "rows the first-fit packer fills at once (more: less padding; 0: max(local batch, 16))",
+    "packing_bins": "rows the first-fit packer fills at once (more: less padding; 0: max(local batch, 16), "
+                    "or 64 when pre-tokenizing)",
     "worker_threads": "threads that read and tokenize examples",
     "prefetch_documents": "examples read ahead by those threads",
     "prefetch_batches": "local batches prepared ahead in a background thread (0: none)",
-    "pretokenize": "tokenize a text dataset once into data.tokenized_dir (or under data_dir) and read ids",
-    "tokenized_dir": "read token ids written by `python -m llama2_jax data tokenize` from here",
+    "pretokenize": "tokenize a text dataset once, packed into rows of train.seq_len, into data.tokenized_dir "
+                   "(or under data_dir) and read rows by index: the same batches for any number of processes",
+    "tokenized_dir": "read rows written by `python -m llama2_jax data tokenize --seq-len train.seq_len` from here",
 }
 
 

@@ -10,6 +10,11 @@
 
 A task declares its batch with a `BatchSpec` (batch.py): every field's shape per row and dtype. The
 pipeline knows nothing else about the task: text, dialogs and preference pairs all go through it.
+
+Each process packs its own share of the examples, so the rows of a step depend on the number of
+processes: a run is exactly resumable on as many processes, not on another number. Pre-tokenized text
+is packed ahead of time and read by global row index instead (row_batches.py), the same batches for
+any number of processes.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llama2_jax import sharding as sharding_lib
-from llama2_jax.data import sources, tokenized
+from llama2_jax.data import sources
 from llama2_jax.data.batch import PACKED_FIELDS, BatchSpec, Piece
 from llama2_jax.data.records import DataError
 from llama2_jax.data.tokenizer import Tokenizer
@@ -42,9 +47,9 @@ def load_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
 
 def open_split(data_config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer, *, kind: str):
     """Random-access examples of `split`. `kind` is what the stage reads (`text`, `chat` or
-    `preferences`); a dataset of another kind is an error naming the stage that reads it."""
-    if kind == "text" and (data_config.pretokenize or data_config.tokenized_dir):
-        return tokenized.open_split(data_config, split, tokenizer)
+    `preferences`); a dataset of another kind is an error naming the stage that reads it.
+    (Pre-tokenized text is read as packed rows instead: tokenized.open_rows, row_batches.py.)"""
+    del tokenizer  # examples are tokenized by the task's encoder
     builder = sources.open_builder(data_config)
     sources.check_kind(builder, kind)
     return sources.data_source(builder, split)
@@ -143,7 +148,7 @@ class Batches(Iterator[dict[str, jax.Array]]):
         # Held in a list so that at exit the iterator can be closed and dropped while the modules its
         # threads use still exist (grain's own cleanup at interpreter teardown fails noisily).
         self._iterator_holder = [iter(dataset)]
-        weakref.finalize(self, _close_iterators, self._iterator_holder)
+        weakref.finalize(self, close_iterators, self._iterator_holder)
         self.spec = spec
         self.examples_per_epoch = examples_per_epoch
         self.global_batch_size, self.local_batch_size = global_batch_size, local_batch_size
@@ -185,11 +190,7 @@ class Batches(Iterator[dict[str, jax.Array]]):
 
     def __next__(self) -> dict[str, jax.Array]:
         local = self.next_local()
-        if self.sharding is None:
-            return local
-        return {name: jax.make_array_from_process_local_data(
-                    self.sharding, array, (self.global_batch_size, *array.shape[1:]))
-                for name, array in local.items()}
+        return global_arrays(local, self.sharding, self.global_batch_size)
 
     @property
     def epoch(self) -> float:
@@ -203,7 +204,16 @@ class Batches(Iterator[dict[str, jax.Array]]):
         self.grain_iterator.set_state(state)
 
 
-def _close_iterators(holder: list) -> None:
+def global_arrays(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding | None,
+                  global_batch_size: int) -> dict[str, Any]:
+    """This process's rows as parts of global jax.Arrays (without a sharding: the rows as they are)."""
+    if sharding is None:
+        return local
+    return {name: jax.make_array_from_process_local_data(sharding, array, (global_batch_size, *array.shape[1:]))
+            for name, array in local.items()}
+
+
+def close_iterators(holder: list) -> None:
     for iterator in holder:
         iterator.close()
     holder.clear()
@@ -219,6 +229,15 @@ def _next_example_index(state: Any) -> int:
             if found >= 0:
                 return found
     return -1
+
+
+def global_batch_sharding(mesh: Mesh, rules, global_batch_size: int) -> jax.sharding.Sharding:
+    """How a global batch lies on `mesh`: its batch axis split as `rules` place `batch`."""
+    batch_shards = sharding_lib.batch_shard_count(mesh, rules)
+    if global_batch_size % batch_shards:
+        raise DataError(f"global batch size {global_batch_size} is not divisible by the {batch_shards} "
+                        f"batch shards of mesh {dict(mesh.shape)}; change train.global_batch_size or the mesh")
+    return sharding_lib.batch_sharding(mesh, rules)
 
 
 def make_batches(data_config: ml_collections.ConfigDict, source, spec: BatchSpec, encoder: Encoder, *,
@@ -238,14 +257,7 @@ def make_batches(data_config: ml_collections.ConfigDict, source, spec: BatchSpec
     if global_batch_size % process_count:
         raise DataError(f"global batch size {global_batch_size} is not divisible by the {process_count} "
                         "processes; change train.global_batch_size")
-    sharding = None
-    if mesh is not None:
-        sharding = sharding_lib.batch_sharding(mesh, rules)
-        batch_shards = sharding_lib.batch_shard_count(mesh, rules)
-        if global_batch_size % batch_shards:
-            raise DataError(f"global batch size {global_batch_size} is not divisible by the {batch_shards} "
-                            f"batch shards of mesh {dict(mesh.shape)}; change train.global_batch_size or "
-                            "the mesh")
+    sharding = None if mesh is None else global_batch_sharding(mesh, rules, global_batch_size)
     local_batch_size = global_batch_size // process_count
     seed = data_config.seed if data_config.seed >= 0 else seed
     dataset, examples = local_batches(

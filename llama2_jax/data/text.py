@@ -32,22 +32,19 @@ def next_token_pieces(tokens: np.ndarray, weights: np.ndarray, seq_len: int) -> 
 
 
 class DocumentChunks:
-    """A document -> BOS + tokens + EOS, every prediction weighted 1, in chunks of seq_len.
-
-    The example is a text record (its `field` holds the text) or, from a pre-tokenized dataset,
-    the token ids already framed by BOS and EOS.
-    """
+    """A text record (its `field` holds the text) -> BOS + tokens + EOS, every prediction weighted 1,
+    in chunks of seq_len."""
 
     def __init__(self, tokenizer: Tokenizer, seq_len: int, field: str = "text"):
         self.tokenizer, self.seq_len, self.field = tokenizer, seq_len, field
 
     def __call__(self, example: Any) -> list[Piece]:
-        if isinstance(example, np.ndarray):
-            tokens = example
-        else:
-            text = example[self.field]
-            text = text.decode("utf-8") if isinstance(text, bytes) else text
-            tokens = np.asarray(self.tokenizer.encode(text, bos=True, eos=True), np.int32)
+        text = example[self.field]
+        text = text.decode("utf-8") if isinstance(text, bytes) else text
+        return self.pieces(np.asarray(self.tokenizer.encode(text, bos=True, eos=True), np.int32))
+
+    def pieces(self, tokens: np.ndarray) -> list[Piece]:
+        """A document's token ids, already framed by BOS and EOS, in chunks (pre-tokenizing uses this)."""
         return next_token_pieces(tokens, np.ones(len(tokens), np.float32), self.seq_len)
 
 

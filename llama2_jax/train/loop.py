@@ -2,7 +2,8 @@
 
     restore the newest readable checkpoint (any mesh) or initialise
     repeat: next batch -> jitted update step (state donated) -> log / evaluate / checkpoint
-    at the end, or on SIGTERM or Ctrl-C at the next step boundary: checkpoint, wait for it, return
+    at the end, or on SIGTERM or Ctrl-C at a step all processes agree on (stopping.py): checkpoint,
+    wait for it, return
 
 Resuming is exact: the checkpoint holds the train state and the data iterator's position, and the
 step is a deterministic function of both, so N steps + restart + N steps equal 2N steps. A resumed
@@ -14,24 +15,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llama2_jax import metrics as metrics_lib
-from llama2_jax import sharding
+from llama2_jax import sharding, storage
 from llama2_jax.checkpoint.manager import CheckpointManager, write_run_files
 from llama2_jax.train.state import TrainState, init_train_state, param_dict
 from llama2_jax.train.step import Metrics, Steps, build_steps, normalised_metrics
+from llama2_jax.train.stopping import StopRequests
 from llama2_jax.train.task import Task
 
 log = logging.getLogger(__name__)
@@ -52,36 +50,10 @@ class TrainResult:
         return nnx.merge(self.graphdef, self.state.params)
 
 
-class _StopSignal:
-    """SIGTERM or a first Ctrl-C set a flag: the loop checkpoints and returns at the next step
-    boundary. A second Ctrl-C aborts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT and self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        how = "Ctrl-C (press again to abort without saving)" if signum == signal.SIGINT else "SIGTERM"
-        log.warning("%s: saving a checkpoint at the next step boundary, then stopping", how)
-
-    def __exit__(self, *exc):
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainResult:
     """Train `task` for `config.train.steps` optimizer steps in `workdir`, resuming from the newest
     checkpoint there if any. Returns the final state (also saved)."""
+    storage.check_filesystem(workdir)  # before anything is written, a bucket nothing here can reach
     mesh = sharding.make_mesh(config.mesh)
     rules = tuple(tuple(rule) for rule in config.rules)
     checkpoints = CheckpointManager(workdir, keep=config.train.keep_checkpoints)
@@ -161,12 +133,17 @@ class _Run:
         interrupted = False
         if step == 0 and cfg.eval_every and self.task.eval_batches:
             self._evaluate(step, state)  # where the run starts from: the baseline later evaluations beat
-        with _StopSignal() as stop:
+        previous_metrics = None
+        with StopRequests() as stop:
             while step < cfg.steps:
-                if self._should_stop(stop, step):
+                if stop.should_stop(step):
                     interrupted = True
                     break
                 state, step_metrics = self.steps.train_step(state, next(train_batches))
+                # At most two steps in flight: the devices still never wait for the host, and a stop
+                # is a step or two of device time away, not as many steps as the host had run ahead.
+                jax.block_until_ready(previous_metrics)
+                previous_metrics = step_metrics
                 step += 1
                 window_steps += 1
                 if window_start is None:
@@ -192,14 +169,6 @@ class _Run:
                 self._save(step, state, train_batches)
         self.checkpoints.wait()
         return state, interrupted
-
-    def _should_stop(self, stop: _StopSignal, step: int) -> bool:
-        if jax.process_count() == 1:
-            return stop.requested
-        # Every process must stop at the same step; agreeing costs a host sync, so only at logs.
-        if step % self.train_config.log_every:
-            return False
-        return bool(np.any(multihost_utils.process_allgather(np.array(stop.requested))))
 
     def _log(self, step: int, step_metrics: Metrics, elapsed: float, steps: int) -> None:
         values = metrics_lib.host_values(step_metrics)
