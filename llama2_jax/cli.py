@@ -115,6 +115,9 @@ def run_stage(argv: Sequence[str], *, command: str, module_name: str) -> int:
         owner = next(name for name, (module, _) in STAGES.items() if module.endswith(f".{config.stage}"))
         raise UsageError(f"that config is for the {config.stage} stage; run `python -m llama2_jax {owner}`")
     args = parser.parse_args(rest)
+    from llama2_jax import storage
+
+    storage.check_filesystem(args.workdir)  # before the data and weights are read, not after
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = stage.run(config, args.workdir)
     draw_figures(args.workdir)
@@ -132,9 +135,9 @@ def draw_figures(workdir: str) -> None:
     after an interruption. A figure that cannot be drawn is a warning: the training itself is done."""
     import jax
 
-    from llama2_jax import plots
+    from llama2_jax import plots, storage
 
-    if jax.process_index() != 0 or not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
+    if jax.process_index() != 0 or not (storage.as_path(workdir) / "metrics.jsonl").is_file():
         return
     log = logging.getLogger(__name__)
     try:

@@ -17,9 +17,14 @@ from typing import Any, TextIO
 
 import jax
 import numpy as np
+from etils import epath
+
+from llama2_jax import storage
 
 # Vector-valued metrics are histograms over equal bins of this range (MetricsWriter).
 HISTOGRAM_RANGE = (0.0, 1.0)
+# metrics.jsonl in a bucket is rewritten whole, so not on every logged step of a fast run.
+BUCKET_UPLOAD_SECONDS = 30.0
 # Dense bf16 peak per chip, FLOP/s, matched against `jax.Device.device_kind`.
 PEAK_FLOPS_BY_DEVICE_KIND = (
     ("H100", 989.4e12),
@@ -92,23 +97,24 @@ def host_values(values: Mapping[str, Any]) -> dict[str, float | list[float]]:
 
 class MetricsWriter:
     """Appends one JSON object per logged step to `workdir/metrics.jsonl` and writes the same
-    values as TensorBoard events under `workdir/tensorboard`. Only process 0 writes.
+    values as TensorBoard events under `workdir/tensorboard`. Only process 0 writes. The workdir
+    may be a bucket (llama2_jax/storage.py): there both files are rewritten whole, metrics.jsonl at
+    most every BUCKET_UPLOAD_SECONDS and the events every TensorBoard flush (120 s), and both on close.
 
     A vector value is a histogram: its entries are the amounts in equal bins over HISTOGRAM_RANGE
     (scores as probabilities), shown by TensorBoard as a histogram."""
 
     def __init__(self, workdir: str, *, resume_after_step: int | None = None):
         self._enabled = jax.process_index() == 0
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        directory = storage.as_path(workdir)
+        self.jsonl_path = directory / "metrics.jsonl"
         if not self._enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
+        directory.mkdir(parents=True, exist_ok=True)
         # Lines beyond the restored checkpoint belong to steps that will be run again.
-        _drop_steps_after(self.jsonl_path, resume_after_step or 0)
-        from tensorboardX import SummaryWriter
-
-        self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-        self._jsonl = open(self.jsonl_path, "a")
+        kept = _lines_up_to_step(self.jsonl_path, resume_after_step or 0)
+        self._tensorboard = _tensorboard_writer(directory / "tensorboard")
+        self._jsonl = storage.open_for_appending(self.jsonl_path, kept, seconds_between_uploads=BUCKET_UPLOAD_SECONDS)
 
     def write(self, step: int, values: Mapping[str, float | list[float]], prefix: str = "") -> None:
         if not self._enabled:
@@ -139,19 +145,37 @@ class MetricsWriter:
             self._tensorboard.close()
 
 
-def _drop_steps_after(path: str, last_step: int) -> None:
-    if not os.path.exists(path):
-        return
-    with open(path) as lines:
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= last_step]
-    with open(path, "w") as out:
-        out.writelines(kept)
+def _lines_up_to_step(path: epath.Path, last_step: int) -> str:
+    if not path.exists():
+        return ""
+    lines = path.read_text().splitlines(keepends=True)
+    return "".join(line for line in lines if line.strip() and json.loads(line)["step"] <= last_step)
+
+
+def _tensorboard_writer(directory: epath.Path):
+    from tensorboardX import SummaryWriter, record_writer
+
+    if storage.is_url(directory):
+        # tensorboardX's own gs:// and s3:// writers need google-cloud-storage or boto3; through
+        # epath a bucket needs only the filesystem every other file of the run goes through.
+        record_writer.register_writer_factory(storage.url_scheme(directory), _BucketEventFiles())
+    return SummaryWriter(os.fspath(directory))
+
+
+class _BucketEventFiles:
+    """tensorboardX's writer factory for event files in a bucket."""
+
+    def open(self, path: str) -> storage.BucketFile:
+        return storage.BucketFile(epath.Path(path))
+
+    def directory_check(self, path: str) -> None:
+        del path  # a bucket has no directories to make
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
     """Every logged record in `workdir/metrics.jsonl`, in order."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as lines:
-        return [json.loads(line) for line in lines if line.strip()]
+    text = (storage.as_path(workdir) / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 # Metrics shown on a log line, in this order; the rest go to metrics.jsonl and TensorBoard only.

@@ -20,6 +20,7 @@ switches the backend of a notebook that shows its own plots.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from llama2_jax import storage
 from llama2_jax.metrics import HISTOGRAM_RANGE, read_metrics
 
 SCORE_HISTOGRAM_FILE = "score_histogram.png"
@@ -45,28 +47,29 @@ Series = dict[str, tuple[list[int], list[float]]]  # metric -> (steps, values)
 
 def draw_run(workdir: str | os.PathLike) -> list[str]:
     """Draw the figures of the run in `workdir` from its metrics.jsonl; the paths written, in the
-    order of the module docstring. A workdir without metrics.jsonl is an error naming the fix."""
-    workdir = os.fspath(workdir)
+    order of the module docstring (in a bucket when the workdir is one). A workdir without
+    metrics.jsonl is an error naming the fix."""
+    workdir = storage.as_path(workdir)
     records = run_records(workdir)
     series = scalar_series(records)
     written = []
     for name, (title, ylabel, labels) in LINE_FIGURES.items():
         lines = {label: series[metric] for metric, label in labels.items() if metric in series}
         if lines:
-            written.append(_draw_panels(os.path.join(workdir, name), [(title, ylabel, lines)]))
+            written.append(_draw_panels(workdir / name, [(title, ylabel, lines)]))
     panels = held_out_panels(series)
     if panels:
-        written.append(_draw_panels(os.path.join(workdir, EVAL_METRICS_FILE), panels))
+        written.append(_draw_panels(workdir / EVAL_METRICS_FILE, panels))
     histogram_record = last_score_histograms(records)
     if histogram_record is not None:
-        written.append(score_histograms(os.path.join(workdir, SCORE_HISTOGRAM_FILE), histogram_record,
+        written.append(score_histograms(workdir / SCORE_HISTOGRAM_FILE, histogram_record,
                                         dataset=_dataset_name(workdir)))
     return written
 
 
-def run_records(workdir: str) -> list[dict[str, Any]]:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+def run_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
+    path = storage.as_path(workdir) / "metrics.jsonl"
+    if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist, so there is nothing to draw; give the --workdir of a "
                                 "train, sft or reward run (they log their metrics there)")
     return read_metrics(workdir)
@@ -109,14 +112,14 @@ def last_score_histograms(records: Sequence[Mapping[str, Any]]) -> dict[str, Any
     return None
 
 
-def score_histograms(path: str, record: Mapping[str, Any], *, dataset: str = "") -> str:
+def score_histograms(path: str | os.PathLike, record: Mapping[str, Any], *, dataset: str = "") -> str:
     """A reward model's held-out σ(score) histograms of chosen and rejected answers, from one
     metrics record; the path written."""
     amounts = {side: record[f"eval_{side}_score_histogram"] for side in ("chosen", "rejected")}
     pairs = f"held-out pairs of {dataset}" if dataset else "held-out pairs"
     histograms(path, amounts, title=f"{pairs} at step {record['step']}", xlabel="score σ(r)",
                ylabel="share of pairs")
-    return path
+    return os.fspath(path)
 
 
 def histograms(path: str | os.PathLike, amounts: Mapping[str, Sequence[float]], *, title: str,
@@ -133,10 +136,10 @@ def histograms(path: str | os.PathLike, amounts: Mapping[str, Sequence[float]], 
     axis.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=HISTOGRAM_RANGE)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    _save(figure, path)
 
 
-def _draw_panels(path: str, panels: Sequence[tuple[str, str, Series]]) -> str:
+def _draw_panels(path: str | os.PathLike, panels: Sequence[tuple[str, str, Series]]) -> str:
     """One figure of panels stacked over a shared step axis, each (title, y label, lines)."""
     from matplotlib.figure import Figure
 
@@ -153,18 +156,24 @@ def _draw_panels(path: str, panels: Sequence[tuple[str, str, Series]]) -> str:
         else:
             axis.legend(fontsize="small")
     axes[-1].set_xlabel("step")
-    figure.savefig(path, dpi=120)
-    return path
+    _save(figure, path)
+    return os.fspath(path)
+
+
+def _save(figure, path: str | os.PathLike) -> None:
+    """The figure as a PNG at `path`, local or in a bucket (drawn in memory, written once)."""
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=120)
+    storage.as_path(path).write_bytes(png.getvalue())
 
 
 def _without_prefix(series: Series) -> Series:
     return {name.removeprefix("eval_"): values for name, values in series.items()}
 
 
-def _dataset_name(workdir: str) -> str:
+def _dataset_name(workdir: str | os.PathLike) -> str:
     """The run's data.dataset from its config.json, for a title; empty when unknown."""
     try:
-        with open(os.path.join(workdir, "config.json")) as config_file:
-            return str(json.load(config_file)["data"]["dataset"])
+        return str(json.loads((storage.as_path(workdir) / "config.json").read_text())["data"]["dataset"])
     except (OSError, ValueError, KeyError, TypeError):
         return ""

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import numpy as np
+from etils import epath
 from flax import nnx
 
-from llama2_jax import sharding
+from llama2_jax import sharding, storage
 from llama2_jax.checkpoint import hf, layout, meta, orbax_params
 from llama2_jax.checkpoint.lazy import LazyArray
 from llama2_jax.model.config import LlamaConfig
@@ -36,7 +37,7 @@ TOKENIZER_FILE = "tokenizer.model"
 def detect_format(path: str | os.PathLike) -> str:
     """`orbax` (model_config.json + state/ or a train workdir), `hf` (config.json) or `meta` (params.json)."""
     path = os.fspath(path)
-    if not os.path.isdir(path):
+    if not storage.as_path(path).is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     if orbax_params.is_orbax_checkpoint(path):
         return "orbax"
@@ -176,14 +177,15 @@ def _restore_orbax(
 def tokenizer_file(path: str | os.PathLike, format: str) -> str | None:
     """The checkpoint's `tokenizer.model`: in its directory, or for Meta's layout (one directory
     per model size, the tokenizer shared beside them) in its parent. None if there is none."""
-    candidates = _tokenizer_candidates(os.fspath(path), format)
-    return next((candidate for candidate in candidates if os.path.isfile(candidate)), None)
+    candidates = _tokenizer_candidates(path, format)
+    return next((os.fspath(candidate) for candidate in candidates if candidate.is_file()), None)
 
 
-def _tokenizer_candidates(path: str, format: str) -> list[str]:
-    candidates = [os.path.join(path, TOKENIZER_FILE)]
+def _tokenizer_candidates(path: str | os.PathLike, format: str) -> list[epath.Path]:
+    directory = storage.as_path(path)
+    candidates = [directory / TOKENIZER_FILE]
     if format == "meta":
-        candidates.append(os.path.normpath(os.path.join(path, os.pardir, TOKENIZER_FILE)))
+        candidates.append(directory.parent / TOKENIZER_FILE)
     return candidates
 
 
@@ -202,7 +204,7 @@ def load_tokenizer(
     if found is None:
         raise FileNotFoundError(
             f"no tokenizer found with checkpoint {checkpoint_path} (looked for "
-            f"{', '.join(_tokenizer_candidates(checkpoint_path, format))}); pass --tokenizer PATH "
+            f"{', '.join(map(os.fspath, _tokenizer_candidates(checkpoint_path, format)))}); pass --tokenizer PATH "
             "to the SentencePiece .model file it was trained with"
         )
     return Tokenizer(found)

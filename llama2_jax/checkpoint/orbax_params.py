@@ -23,9 +23,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llama2_jax import storage
 from llama2_jax.checkpoint import layout
 from llama2_jax.checkpoint.lazy import LazyArray
-from llama2_jax.checkpoint.manager import STATE_ITEM, checkpoint_dir
+from llama2_jax.checkpoint.manager import CHECKPOINTS_SUBDIR, STATE_ITEM
 from llama2_jax.model.config import LlamaConfig
 
 CONFIG_FILE = "model_config.json"
@@ -35,24 +36,22 @@ PARAMS_KEY = "params"
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and (
-        os.path.isdir(os.path.join(path, STATE_DIR))
-        or os.path.isdir(checkpoint_dir(os.fspath(path)))
+    directory = storage.as_path(path)
+    return (directory / CONFIG_FILE).is_file() and (
+        (directory / STATE_DIR).is_dir() or (directory / CHECKPOINTS_SUBDIR).is_dir()
     )
 
 
 def read_config(path: str | os.PathLike, **overrides: Any) -> tuple[LlamaConfig, str]:
     """The model's config and kind from `model_config.json`."""
-    with open(os.path.join(path, CONFIG_FILE)) as file:
-        fields = json.load(file)
+    fields = json.loads((storage.as_path(path) / CONFIG_FILE).read_text())
     kind = fields.pop(KIND_KEY, "llama")
     layout.check_kind(kind)
     return LlamaConfig.from_dict({**fields, **overrides}), kind
 
 
 def write_config(path: str | os.PathLike, config: LlamaConfig, kind: str) -> None:
-    with open(os.path.join(path, CONFIG_FILE), "w") as file:
-        json.dump({**config.to_dict(), KIND_KEY: kind}, file, indent=2)
+    (storage.as_path(path) / CONFIG_FILE).write_text(json.dumps({**config.to_dict(), KIND_KEY: kind}, indent=2))
 
 
 def state_path(path: str | os.PathLike) -> str:
@@ -61,19 +60,17 @@ def state_path(path: str | os.PathLike) -> str:
     orbax writes a step under a temporary name and renames it to the bare step number once every
     item is complete, so numbered directories are exactly the finished steps.
     """
-    path = os.path.abspath(path)
-    if os.path.isdir(os.path.join(path, STATE_DIR)):
-        return os.path.join(path, STATE_DIR)
-    steps_dir = checkpoint_dir(path)
-    steps = [int(name) for name in os.listdir(steps_dir) if name.isdigit()]
-    steps = [
-        step for step in steps if os.path.isdir(os.path.join(steps_dir, str(step), STATE_ITEM))
-    ]
+    directory = storage.as_path(path)
+    if (directory / STATE_DIR).is_dir():
+        return os.fspath(directory / STATE_DIR)
+    steps_dir = directory / CHECKPOINTS_SUBDIR
+    steps = [int(entry.name) for entry in steps_dir.iterdir() if entry.name.isdigit()]
+    steps = [step for step in steps if (steps_dir / str(step) / STATE_ITEM).is_dir()]
     if not steps:
         raise FileNotFoundError(
-            f"training workdir {path} has no finished checkpoint in {steps_dir}"
+            f"training workdir {directory} has no finished checkpoint in {steps_dir}"
         )
-    return os.path.join(steps_dir, str(max(steps)), STATE_ITEM)
+    return os.fspath(steps_dir / str(max(steps)) / STATE_ITEM)
 
 
 def nest(flat: Mapping[str, Any]) -> dict:
@@ -186,11 +183,11 @@ def read_orbax_params(
 def save_params(path: str | os.PathLike, config: LlamaConfig, arrays: Mapping[str, Any]) -> None:
     """Save params (dotted stacked names -> numpy or jax arrays) and their config in our layout;
     the kind is the model's whose head `arrays` hold."""
-    path = os.path.abspath(path)
+    directory = storage.as_path(path)
     kind = layout.kind_of(arrays)
-    os.makedirs(path, exist_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(path, STATE_DIR), {PARAMS_KEY: nest(dict(arrays))})
+    checkpointer.save(directory / STATE_DIR, {PARAMS_KEY: nest(dict(arrays))})
     checkpointer.wait_until_finished()
     write_config(path, config, kind)
 

@@ -1,17 +1,14 @@
 """`python -m llama2_jax gatt`: build Ghost Attention training dialogs with the current policy.
 
     python -m llama2_jax gatt --checkpoint runs/sft --out runs/gatt_dialogs.jsonl
-    python -m llama2_jax sft --config=configs/sft.py:tiny --workdir=runs/gatt \
-        --config.init_checkpoint=runs/sft --config.data.dataset=gatt \
-        --config.data.paths="('runs/gatt_dialogs.jsonl', 'llama2_jax/assets/demo/dialogs_train.jsonl')" \
-        --config.data.format=chat --config.data.holdout_fraction=0.05
+    python -m llama2_jax sft --config=configs/sft.py:tiny,gatt --workdir=runs/gatt
 
 For each multi-turn dialog of `--dialogs` (default: the bundled demo's) an instruction is drawn (a
 character to answer as, a play to name, or both; half in the short form); the policy answers every
 turn with the instruction appended to each user turn (`--samples` answers sampled, the first that
 follows the instruction kept); the output keeps the instruction in the first user turn only and
 trains only the last answer of each example (llama2_jax/data/gatt.py). The output is chat JSON
-lines, ready for `sft` (mix in ordinary dialogs so the model keeps its manners).
+lines, ready for `sft` (configs/sft.py's `gatt` round reads runs/gatt_dialogs.jsonl from runs/sft).
 """
 
 from __future__ import annotations

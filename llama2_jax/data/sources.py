@@ -27,7 +27,9 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
+from etils import epath
 
+from llama2_jax import storage
 from llama2_jax.data import records
 from llama2_jax.data.config import DEMO_DATA_DIR
 from llama2_jax.data.records import DataError, LineReport
@@ -249,8 +251,13 @@ BUNDLED = {"shakespeare": Shakespeare, "shakespeare_dialogs": ShakespeareDialogs
 
 
 @contextlib.contextmanager
-def build_lock(data_dir: Path) -> Iterator[None]:
-    """Exclusive file lock in `data_dir`, so that processes starting together build a dataset once."""
+def build_lock(data_dir: Path | epath.Path) -> Iterator[None]:
+    """Exclusive file lock in `data_dir`, so that processes starting together build a dataset once.
+    A bucket holds no locks, so datasets are built in a local data_dir and copied to a bucket."""
+    if storage.is_url(data_dir):
+        raise DataError(f"a dataset is built in a local data_dir, not in {os.fspath(data_dir)}: build it with "
+                        "`python -m llama2_jax data build --data-dir DIR ...` (or a run with a local data.data_dir), "
+                        f"then copy it there: gcloud storage cp -r 'DIR/*' {os.fspath(data_dir)}")
     data_dir.mkdir(parents=True, exist_ok=True)
     with open(data_dir / ".llama2_jax_build.lock", "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)
@@ -281,7 +288,7 @@ def build_local_dataset(name: str, paths: Sequence[str | os.PathLike], *, format
     stored = dict(builder.info.metadata or {})
     if stored.get("paths") == list(absolute_paths) and stored.get("inputs") != inputs_stamp(absolute_paths):
         print(f"the files of dataset {builder.name}/{name} changed since it was built: building it again")
-        with build_lock(Path(builder.data_dir).parent.parent.parent):
+        with build_lock(storage.as_path(builder.data_dir).parent.parent.parent):
             shutil.rmtree(builder.data_dir, ignore_errors=True)
         builder = _prepare(builder_class, config, data_dir)
         stored = dict(builder.info.metadata or {})
@@ -299,11 +306,11 @@ def bundled_dataset(name: str = "shakespeare", data_dir: str | os.PathLike | Non
 
 def _prepare(builder_class: type, config: LocalConfig | None,
              data_dir: str | os.PathLike | None) -> tfds.core.DatasetBuilder:
-    data_dir = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
-    builder = builder_class(config=config, data_dir=str(data_dir), file_format="array_record")
+    data_dir = storage.as_path(data_dir or DEFAULT_DATA_DIR)
+    builder = builder_class(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
     if not builder.is_prepared():
         with build_lock(data_dir):
-            builder = builder_class(config=config, data_dir=str(data_dir), file_format="array_record")
+            builder = builder_class(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
             if not builder.is_prepared():  # another process may have built it while we waited
                 tfds.display_progress_bar(False)
                 builder.download_and_prepare()
@@ -316,7 +323,7 @@ def prepared_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tf
     dataset prepared there ("some_tfds_name/config:1.0.0")."""
     if name in BUNDLED:
         return bundled_dataset(name, data_dir)
-    data_dir = Path(data_dir or DEFAULT_DATA_DIR).expanduser()
+    data_dir = storage.as_path(data_dir or DEFAULT_DATA_DIR)
     if "/" not in name:
         local = [builder for builder in _BUILDER_CLASSES if (data_dir / builder / name).is_dir()]
         if len(local) > 1:
@@ -325,7 +332,7 @@ def prepared_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tf
         if local:
             name = f"{local[0]}/{name}"
     try:
-        builder = tfds.builder(name, data_dir=str(data_dir), file_format="array_record")
+        builder = tfds.builder(name, data_dir=os.fspath(data_dir), file_format="array_record")
         prepared = builder.is_prepared()
     except Exception:  # tfds raises several types (and lists its whole catalogue) for an unknown name
         prepared = False

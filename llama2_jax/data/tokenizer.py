@@ -11,6 +11,8 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from llama2_jax import storage
+
 # SentencePiece writes spaces as this symbol, so a literal one in the text would decode as a
 # space; Tokenizer.encode spells it out in byte-fallback pieces instead (see _encode_meta_symbol).
 WHITESPACE_SYMBOL = "\u2581"
@@ -49,8 +51,9 @@ class Tokenizer:
     """A SentencePiece model with BOS/EOS handling and exact round trips for any Unicode text."""
 
     def __init__(self, path: str | os.PathLike | None = None):
-        """Loads `path` (a `.model` file); None loads the small tokenizer bundled with the package."""
-        self.path = Path(path) if path is not None else BUNDLED_TOKENIZER
+        """Loads `path` (a `.model` file, local or in a bucket); None loads the small tokenizer
+        bundled with the package."""
+        self.path = storage.as_path(path if path is not None else BUNDLED_TOKENIZER)
         if not self.path.is_file():
             raise FileNotFoundError(
                 f"tokenizer model {self.path} not found; pass the path of a SentencePiece .model file "

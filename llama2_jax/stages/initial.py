@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-from pathlib import Path
 
 import ml_collections
 
+from llama2_jax import storage
 from llama2_jax.checkpoint.load import checkpoint_config, load_pretrained, load_tokenizer
 from llama2_jax.config_cli import ConfigError
 from llama2_jax.data.tokenizer import Tokenizer
@@ -38,11 +37,11 @@ def initial_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     try:
         own = load_tokenizer(config.init_checkpoint)
     except FileNotFoundError:
-        if not os.path.isdir(config.init_checkpoint):
+        if not storage.as_path(config.init_checkpoint).is_dir():
             raise
         return Tokenizer(config.data.tokenizer_path or None)
     given = config.data.tokenizer_path
-    if given and Path(given).read_bytes() != own.path.read_bytes():
+    if given and storage.as_path(given).read_bytes() != own.path.read_bytes():
         raise ValueError(f"data.tokenizer_path {given} is not the tokenizer of {config.init_checkpoint} "
                          f"({own.path}), which the model was trained with; leave data.tokenizer_path empty")
     return own

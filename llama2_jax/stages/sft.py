@@ -22,7 +22,7 @@ import os
 import jax
 import ml_collections
 
-from llama2_jax import generate
+from llama2_jax import generate, storage
 from llama2_jax.data.dialogs import DialogPieces, example_messages, scan
 from llama2_jax.data.pipeline import open_split, packed_rows
 from llama2_jax.data.tokenizer import Tokenizer
@@ -68,11 +68,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         set_steps_from_epochs(config, rows_per_epoch(config, counts.piece_lengths))
     result = train(config, workdir, make_task(config, tokenizer))
     if config.sft.eval_prompts > 0 and not result.interrupted:
-        answer_held_out(result, config, tokenizer, os.path.join(workdir, "answers.jsonl"))
+        answer_held_out(result, config, tokenizer, storage.as_path(workdir) / "answers.jsonl")
     return result
 
 
-def answer_held_out(result: TrainResult, config: ml_collections.ConfigDict, tokenizer: Tokenizer, path: str) -> None:
+def answer_held_out(result: TrainResult, config: ml_collections.ConfigDict, tokenizer: Tokenizer,
+                    path: str | os.PathLike) -> None:
     """The model's answers to the first held-out dialogs, printed and written to `path` as JSON lines
     {"messages": the prompt, "reference": the held-out answer, "answer": the model's} (greedy)."""
     source = open_split(config.data, config.data.eval_split, tokenizer, kind="chat")
@@ -82,9 +83,10 @@ def answer_held_out(result: TrainResult, config: ml_collections.ConfigDict, toke
                                       mesh=result.mesh, rules=result.rules)
     if jax.process_index() != 0:
         return
-    with open(path, "w", encoding="utf-8") as out:
-        for prompt, dialog, answer in zip(prompts, dialogs, answers):
-            out.write(json.dumps({"messages": prompt, "reference": dialog[-1]["content"], "answer": answer},
-                                 ensure_ascii=False) + "\n")
-            print(f"\n[user] {prompt[-1]['content']}\n[reference] {dialog[-1]['content']}\n[model] {answer}")
+    lines = []
+    for prompt, dialog, answer in zip(prompts, dialogs, answers):
+        lines.append(json.dumps({"messages": prompt, "reference": dialog[-1]["content"], "answer": answer},
+                                ensure_ascii=False) + "\n")
+        print(f"\n[user] {prompt[-1]['content']}\n[reference] {dialog[-1]['content']}\n[model] {answer}")
+    storage.as_path(path).write_text("".join(lines), encoding="utf-8")
     print(f"\nwrote {len(answers)} held-out answers to {path}")
