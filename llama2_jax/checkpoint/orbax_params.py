@@ -16,6 +16,7 @@ is read. Either way only "params" is restored, each array straight into its shar
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -33,6 +34,18 @@ CONFIG_FILE = "model_config.json"
 KIND_KEY = "kind"
 STATE_DIR = "state"
 PARAMS_KEY = "params"
+
+
+class _WithoutMissingStepMetadata(logging.Filter):
+    """Reading one item of a training checkpoint (`checkpoints/<step>/state`) on its own, orbax looks
+    for the step's metadata file inside the item, where the manager never writes it, and warns on
+    every load; nothing is wrong, so that one warning is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Metadata file does not exist")
+
+
+logging.getLogger("absl").addFilter(_WithoutMissingStepMetadata())
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
