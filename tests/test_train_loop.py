@@ -138,7 +138,17 @@ def test_sigterm_between_log_steps_then_restart_resumes_exactly(straight_run, tm
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(reference))
 
 
-def test_ctrl_c_saves_at_the_step_it_stopped_and_a_rerun_continues_exactly(straight_run, tmp_path):
+@pytest.fixture
+def terminal_ctrl_c():
+    """SIGINT handled as in a terminal, by Python's default handler, whatever this process inherited
+    (a job started in the background by a non-interactive shell begins with SIGINT ignored)."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_ctrl_c_saves_at_the_step_it_stopped_and_a_rerun_continues_exactly(straight_run, tmp_path,
+                                                                           terminal_ctrl_c):
     reference_dir, reference = straight_run
     workdir = str(tmp_path)
     stopped = train(make_config(), workdir, make_task({4: [signal.SIGINT]}))
@@ -149,7 +159,7 @@ def test_ctrl_c_saves_at_the_step_it_stopped_and_a_rerun_continues_exactly(strai
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(reference))
 
 
-def test_a_second_ctrl_c_aborts_at_once(tmp_path):
+def test_a_second_ctrl_c_aborts_at_once(tmp_path, terminal_ctrl_c):
     with pytest.raises(KeyboardInterrupt):
         # Both presses while one batch is drawn: the second lands before the next step boundary.
         train(make_config(), str(tmp_path), make_task({1: [signal.SIGINT, signal.SIGINT]}))
