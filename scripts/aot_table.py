@@ -5,7 +5,8 @@
 
 For every (stage, size) the topologies are tried in the order given, each by `python -m llama2_jax
 aot` in a fresh process, until one fits; the micro-batches (optimizer.grad_accum_steps) are chosen so
-that each chip holds `--rows-per-chip` sequences per micro-batch (a preference pair is two). Prints one markdown row per
+that each chip holds `--rows-per-chip` examples per micro-batch (the batch is sharded by example:
+at least one text row, dialog row or preference pair, two sequences, per chip). Prints one markdown row per
 (stage, size): the slice that fits with its per-chip memory, or the last one tried and the
 compiler's verdict. Needs libtpu (`pip install "jax[tpu]==<jax version>"`, in its own virtualenv);
 each compile takes minutes on a laptop.
@@ -14,7 +15,6 @@ each compile takes minutes on a laptop.
 from __future__ import annotations
 
 import argparse
-import importlib
 import re
 import subprocess
 import sys
@@ -40,11 +40,8 @@ def chips(topology: str) -> int:
 
 def try_topology(stage: str, size: str, topology: str, rows_per_chip: int, settings: list[str]) -> dict:
     """One `aot` compile; what it printed, parsed: fits, total GiB, micro-batches, seconds."""
-    config = load_config(stage, size)
-    # A preference pair is two sequences: count what the model runs, not the examples.
-    spec = importlib.import_module(f"llama2_jax.stages.{config.stage}").make_task(config).batch_spec
-    sequences = config.train.global_batch_size * spec.model_tokens_per_row() // config.train.seq_len
-    micro_batches = max(1, sequences // (chips(topology) * rows_per_chip))
+    global_batch = load_config(stage, size).train.global_batch_size
+    micro_batches = max(1, global_batch // (chips(topology) * rows_per_chip))
     command = [sys.executable, "-m", "llama2_jax", "aot", f"--config={REPO / 'configs' / stage}.py:{size}",
                f"--topology={topology}", f"--config.optimizer.grad_accum_steps={micro_batches}",
                *(f"--config.{setting}" for setting in settings)]
@@ -73,7 +70,7 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=["pretrain", "sft", "reward"])
     parser.add_argument("--sizes", nargs="+", default=["7b", "13b", "34b", "70b"])
     parser.add_argument("--topologies", nargs="+", required=True, help="tried in this order, smallest first")
-    parser.add_argument("--rows-per-chip", type=int, default=1, help="sequences per chip per micro-batch")
+    parser.add_argument("--rows-per-chip", type=int, default=1, help="examples per chip per micro-batch (a preference pair is one)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a config override for every compile, e.g. model.attention=splash")
     args = parser.parse_args()
