@@ -227,15 +227,6 @@ def reward_argv(init, workdir, data_path, tmp_path, *extra):
             "--config.train.global_batch_size=16", "--config.train.log_every=10", *extra]
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pretrained")
-    assert cli.main(["train", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}", "--config.train.steps=30",
-                     "--config.train.eval_every=0", "--config.train.sample_length=0", "--config.train.log_every=10",
-                     "--config.train.seq_len=128"]) == 0
-    return workdir
-
-
 def test_bad_input_is_one_clear_error(pretrained, tmp_path, capsys):
     def error_of(*extra, dataset="closing_words", records=None):
         data = write_pairs(tmp_path / f"{dataset}.jsonl", records or preference_records(20))

@@ -131,15 +131,6 @@ def test_conversations_are_answered_turn_by_turn_with_the_instruction_in_every_t
     assert len(short.answers) == 2
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pretrained")
-    assert cli.main(["train", "--config=configs/pretrain.py:tiny", f"--workdir={workdir}", "--config.train.steps=30",
-                     "--config.train.eval_every=0", "--config.train.sample_length=0", "--config.train.log_every=10",
-                     "--config.train.seq_len=128"]) == 0
-    return workdir
-
-
 def test_the_same_answer_to_random_prompts_is_learnt_to_near_zero_loss(pretrained, tmp_path):
     """Only possible if the random-word prompts are out of the loss: they cannot be predicted."""
     rng = random.Random(0)
