@@ -36,6 +36,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     # Activations: batch over every data-parallel axis, model dimension whole, heads/MLP/vocab split.
     (axes.BATCH, ("data", "fsdp")),
     (axes.LENGTH, None),
+    # Sequence parallelism: between the blocks' matmuls the residual stream is split by length
+    # over the tensor devices, which would otherwise each hold all of it (a no-op without tensor).
+    (axes.RESIDUAL_LENGTH, "tensor"),
     (axes.ACT_EMBED, None),
     (axes.ACT_HEADS, "tensor"),
     (axes.ACT_KV_HEADS, "tensor"),
@@ -142,8 +145,10 @@ def generation_rules(rules=DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
 
     activation_names = {axes.BATCH, axes.LENGTH, axes.ACT_EMBED, axes.ACT_HEADS,
                         axes.ACT_KV_HEADS, axes.ACT_MLP, axes.ACT_VOCAB}
+    # A decoding step is one token long: nothing to split by length, and no backward pass to keep it for.
     return tuple(
-        (name, mesh_axes if name in activation_names else without_fsdp(mesh_axes))
+        (name, None if name == axes.RESIDUAL_LENGTH
+         else mesh_axes if name in activation_names else without_fsdp(mesh_axes))
         for name, mesh_axes in rules
     )
 

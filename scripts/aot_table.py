@@ -5,8 +5,9 @@
 
 For every (stage, size) the topologies are tried in the order given, each by `python -m llama2_jax
 aot` in a fresh process, until one fits; the micro-batches (optimizer.grad_accum_steps) are chosen so
-that each chip holds `--rows-per-chip` examples per micro-batch (the batch is sharded by example:
-at least one text row, dialog row or preference pair, two sequences, per chip). Prints one markdown row per
+that each batch shard holds `--rows-per-chip` examples per micro-batch (the batch is sharded by
+example over the data and fsdp devices: at least one text row, dialog row or preference pair, two
+sequences, per chip, or per group of `mesh.ici_tensor` chips). Prints one markdown row per
 (stage, size): the slice that fits with its per-chip memory, or the last one tried and the
 compiler's verdict. Needs libtpu (`pip install "jax[tpu]==<jax version>"`, in its own virtualenv);
 each compile takes minutes on a laptop.
@@ -23,11 +24,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from llama2_jax.config_cli import load_config_file  # noqa: E402  (the checkout's own package)
+from llama2_jax.config_cli import apply_override, load_config_file  # noqa: E402  (the checkout's own package)
 
 
-def load_config(stage: str, size: str):
-    return load_config_file(f"{REPO / 'configs' / stage}.py:{size}")
+def load_config(stage: str, size: str, settings: list[str]):
+    config = load_config_file(f"{REPO / 'configs' / stage}.py:{size}")
+    for setting in settings:
+        key, _, value = setting.partition("=")
+        apply_override(config, key, value)
+    return config
 
 
 def chips(topology: str) -> int:
@@ -40,8 +45,10 @@ def chips(topology: str) -> int:
 
 def try_topology(stage: str, size: str, topology: str, rows_per_chip: int, settings: list[str]) -> dict:
     """One `aot` compile; what it printed, parsed: fits, total GiB, micro-batches, seconds."""
-    global_batch = load_config(stage, size).train.global_batch_size
-    micro_batches = max(1, global_batch // (chips(topology) * rows_per_chip))
+    config = load_config(stage, size, settings)
+    # The batch is split over the data and fsdp devices; tensor devices share their examples.
+    batch_shards = chips(topology) // (config.mesh.ici_tensor * config.mesh.dcn_tensor)
+    micro_batches = max(1, config.train.global_batch_size // (batch_shards * rows_per_chip))
     command = [sys.executable, "-m", "llama2_jax", "aot", f"--config={REPO / 'configs' / stage}.py:{size}",
                f"--topology={topology}", f"--config.optimizer.grad_accum_steps={micro_batches}",
                *(f"--config.{setting}" for setting in settings)]
@@ -70,7 +77,8 @@ def main() -> None:
     parser.add_argument("--stages", nargs="+", default=["pretrain", "sft", "reward"])
     parser.add_argument("--sizes", nargs="+", default=["7b", "13b", "34b", "70b"])
     parser.add_argument("--topologies", nargs="+", required=True, help="tried in this order, smallest first")
-    parser.add_argument("--rows-per-chip", type=int, default=1, help="examples per chip per micro-batch (a preference pair is one)")
+    parser.add_argument("--rows-per-chip", type=int, default=1,
+                        help="examples per batch shard per micro-batch (a preference pair is one)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="a config override for every compile, e.g. model.attention=splash")
     args = parser.parse_args()

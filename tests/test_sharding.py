@@ -104,4 +104,43 @@ def test_loading_arrays_of_the_wrong_shape_names_the_tensor():
 def test_generation_rules_keep_tensor_but_drop_fsdp():
     rules = dict(sharding.generation_rules())
     assert rules["embed"] is None and rules["q_heads"] == "tensor"
+    assert rules["residual_length"] is None  # decoding steps are one token long
     assert rules["batch"] == ("data", "fsdp")
+
+
+def test_sequence_parallelism_splits_what_remat_keeps_over_the_tensor_devices():
+    # With remat `full` each block keeps only its input, the residual stream: [rows, length, dim]
+    # per layer. Split by length over 2 tensor devices, each device keeps half of it.
+    from llama2_jax.commands import aot
+    from llama2_jax.config_cli import parse_config_flags
+    from llama2_jax.model import axes
+
+    layers, length, dim = 16, 1024, 512
+    config, _ = parse_config_flags([
+        "--config=configs/pretrain.py:tiny", "--config.train.global_batch_size=4",
+        f"--config.train.seq_len={length}", f"--config.model.n_layers={layers}", f"--config.model.dim={dim}",
+        "--config.model.remat=full", "--config.mesh.ici_data=1", "--config.mesh.ici_fsdp=4",
+        "--config.mesh.ici_tensor=2",
+    ])
+
+    def temporaries(rules):
+        config.rules = rules
+        compiled = aot.stage_steps(config, jax.devices()).lower_train_step().compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    whole = tuple((name, None if name == axes.RESIDUAL_LENGTH else mesh_axes)
+                  for name, mesh_axes in sharding.DEFAULT_RULES)
+    stream_per_device = layers * 1 * length * dim * 2  # one bfloat16 row per fsdp device
+    saved = temporaries(whole) - temporaries(sharding.DEFAULT_RULES)
+    assert saved >= 0.75 * stream_per_device / 2, (saved, stream_per_device)
+
+
+def test_a_length_the_tensor_devices_do_not_divide_gives_the_same_logits():
+    # Sequence parallelism splits the stream by length; a 3-token prompt on 2 devices is padded.
+    mesh = _mesh(1, 4, 2)
+    model = sharding.create_model(CONFIG, mesh, seed=0)
+    reference = sharding.create_model(CONFIG, _mesh(1, 1, 1), seed=0)
+    tokens = jnp.asarray(np.arange(3 * 8).reshape(8, 3) % 256, jnp.int32)
+    with sharding.logical_context(mesh):
+        logits = jax.jit(lambda m, t: m(t))(model, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(reference(tokens)), rtol=1e-5, atol=1e-5)

@@ -21,6 +21,9 @@ VOCAB, EMBED, Q_HEADS, KV_HEADS, HEAD_DIM, MLP, LAYERS, NORM = (
 BATCH, LENGTH, ACT_EMBED, ACT_HEADS, ACT_KV_HEADS, ACT_MLP, ACT_VOCAB = (
     "batch", "length", "act_embed", "act_heads", "act_kv_heads", "act_mlp", "act_vocab",
 )
+# The length of the residual stream between the blocks' matmuls, apart from `length` so it can be
+# split on its own (sequence parallelism): what each block keeps for the backward pass shrinks.
+RESIDUAL_LENGTH = "residual_length"
 
 LogicalAxes = Sequence[str | None]
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]

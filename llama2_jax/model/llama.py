@@ -104,10 +104,23 @@ class Block(nnx.Module):
         self.feed_forward = FeedForward(config, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
-        attended, cache = self.attention(self.attention_norm(x), positions, segment_ids, cache)
-        h = x + attended
-        out = h + self.feed_forward(self.ffn_norm(h))
-        return axes.constrain(out, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED)), cache
+        # Sequence parallelism: the stream and its norms stay split by length; each branch gathers
+        # its normed input whole, and its output projection's partial sums are reduce-scattered
+        # back onto the split stream.
+        attended, cache = self.attention(_whole_length(self.attention_norm(x)), positions, segment_ids, cache)
+        h = residual_stream(x + attended)
+        out = h + self.feed_forward(_whole_length(self.ffn_norm(h)))
+        return residual_stream(out), cache
+
+
+def residual_stream(x: jax.Array) -> jax.Array:
+    """The stream between blocks, which is what remat keeps of each block: split by length over
+    the devices `residual_length` maps to (tensor, by default), whole model dimension."""
+    return axes.constrain(x, (axes.BATCH, axes.RESIDUAL_LENGTH, axes.ACT_EMBED))
+
+
+def _whole_length(x: jax.Array) -> jax.Array:
+    return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
 
 
 @struct.dataclass
@@ -193,7 +206,7 @@ class Transformer(nnx.Module):
         # it in float32; gather the table once in the compute dtype, as FSDP gathers any weight.
         table = self.embedder.embedding[...].astype(self.config.compute_dtype)
         x = jnp.take(axes.constrain(table, (None, None)), tokens, axis=0)
-        return axes.constrain(x, (axes.BATCH, axes.LENGTH, axes.ACT_EMBED))
+        return residual_stream(x)
 
     def _run_layers(self, x, positions, segment_ids, cache: KVCache | None = None):
         """Scans the stacked blocks; with a cache, returns it with this call's keys and values."""
