@@ -92,3 +92,12 @@ def test_unknown_generation_is_named(capsys):
 def test_bench_without_a_subcommand_shows_usage(capsys):
     assert bench.main([]) == 2
     assert "bench train|generate" in capsys.readouterr().err
+
+
+def test_fit_hints_offer_micro_batches_only_while_a_chip_holds_more_than_one_example():
+    config, _ = parse_config_flags(SMALL)  # 16 rows over 8 batch shards, in 2 micro-batches: 1 per shard
+    steps = aot.stage_steps(config, jax.devices())
+    hints = aot._fit_hints(config, steps)
+    assert "grad_accum_steps" not in hints and "mesh.ici_tensor=4" in hints and "model.remat=full" in hints
+    config.optimizer.grad_accum_steps = 1
+    assert "grad_accum_steps" in aot._fit_hints(config, steps)

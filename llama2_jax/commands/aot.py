@@ -96,12 +96,18 @@ def report(compiled, hbm_gib: float | None) -> list[str]:
     return lines
 
 
-def _fit_hints(config: ml_collections.ConfigDict) -> str:
-    hints = ["more micro-batches (optimizer.grad_accum_steps)"]
+def _fit_hints(config: ml_collections.ConfigDict, steps: Steps) -> str:
+    hints = []
+    shards = sharding.batch_shard_count(steps.mesh, steps.rules)
+    if config.train.global_batch_size // (config.optimizer.grad_accum_steps * shards) > 1:
+        hints.append("more micro-batches (optimizer.grad_accum_steps)")
     if config.model.remat != "full":
         hints.append("model.remat=full")
     if config.model.attention != "splash":
         hints.append("model.attention=splash")
+    # Below one example per chip, only tensor parallelism splits the activations further.
+    hints.append("mesh.ici_tensor=4 (heads, MLP and the residual stream split over 4 chips)"
+                 if config.mesh.ici_tensor == 1 else "a larger mesh.ici_tensor")
     return "to fit: " + ", ".join(hints) + ", or more chips"
 
 
@@ -128,7 +134,7 @@ def main(argv: Sequence[str]) -> int:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise
         # The TPU compiler refuses a program that cannot fit, so there is no analysis to print.
-        raise AotError(f"does NOT fit on {args.topology}: {str(error).splitlines()[0]}; {_fit_hints(config)}") from None
+        raise AotError(f"does NOT fit on {args.topology}: {str(error).splitlines()[0]}; {_fit_hints(config, steps)}") from None
     seconds = time.perf_counter() - start
 
     model, train = steps.task.model_config, config.train
