@@ -144,3 +144,19 @@ def test_a_length_the_tensor_devices_do_not_divide_gives_the_same_logits():
     with sharding.logical_context(mesh):
         logits = jax.jit(lambda m, t: m(t))(model, tokens)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(reference(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_reward_scores_agree_across_meshes():
+    # The scored token is gathered from a stream that sequence parallelism splits by length.
+    from llama2_jax.model.llama import LlamaRewardModel
+
+    tokens, positions, segment_ids = _batch()
+    segment_ids = segment_ids.at[:, -3:].set(0)  # right padding: the scored token is not the last column
+    scores = {}
+    for mesh_shape in [(1, 1, 1), (1, 2, 4), (2, 2, 2)]:
+        mesh = _mesh(*mesh_shape)
+        model = sharding.create_model(CONFIG, mesh, seed=0, model_class=LlamaRewardModel)
+        with sharding.logical_context(mesh):
+            scores[mesh_shape] = np.asarray(jax.jit(lambda m, *a: m(*a))(model, tokens, positions, segment_ids))
+    np.testing.assert_allclose(scores[(1, 2, 4)], scores[(1, 1, 1)], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(scores[(2, 2, 2)], scores[(1, 1, 1)], rtol=1e-5, atol=1e-5)
