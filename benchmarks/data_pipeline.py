@@ -30,7 +30,7 @@ def host_batches(data_config, tokenizer, *, seq_len: int, batch_size: int):
     if tokenized.is_configured(data_config):
         rows = tokenized.open_rows(data_config, "train", tokenizer, seq_len)
         return make_row_batches(data_config, rows, spec, global_batch_size=batch_size, mesh=None, seed=0)
-    source = open_split(data_config, "train", tokenizer, kind="text")
+    source = open_split(data_config, "train", kind="text")
     dataset, _ = local_batches(data_config, source, spec, DocumentChunks(tokenizer, seq_len),
                                local_batch_size=batch_size, seed=0)
     return iter(dataset)

@@ -102,7 +102,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
         node[leaf] = _parse_value(text, node[leaf], key)
 
 
-def _split_flags(argv: Sequence[str], flag: str) -> tuple[str | None, list[tuple[str, str]], list[str]]:
+def split_flags(argv: Sequence[str], flag: str) -> tuple[str | None, list[tuple[str, str]], list[str]]:
     """(`--config` value, [(key, value) of `--config.key`], the other arguments)."""
     spec = None
     overrides: list[tuple[str, str]] = []
@@ -132,7 +132,7 @@ def parse_overrides(
     config: ml_collections.ConfigDict, argv: Sequence[str], flag: str = "config"
 ) -> tuple[ml_collections.ConfigDict, list[str]]:
     """Apply the `--config.a.b=v` flags among `argv` to `config`, lock it, return the other arguments."""
-    _, overrides, rest = _split_flags(argv, flag)
+    _, overrides, rest = split_flags(argv, flag)
     for key, value in overrides:
         apply_override(config, key, value)
     config.lock()
@@ -143,7 +143,7 @@ def parse_config_flags(
     argv: Sequence[str], flag: str = "config"
 ) -> tuple[ml_collections.ConfigDict, list[str]]:
     """Split `argv` into the config (file + overrides, locked) and the remaining arguments."""
-    spec, _, _ = _split_flags(argv, flag)
+    spec, _, _ = split_flags(argv, flag)
     if spec is None:
         raise ConfigError(f"--{flag}=path/to/config.py[:arg] is required")
     return parse_overrides(load_config_file(spec), argv, flag)

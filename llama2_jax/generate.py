@@ -148,7 +148,8 @@ def decoding_layout(
 # ---- prompts, buckets and the compiled loop ------------------------------------------------------
 
 
-def _bucket(size: int, minimum: int) -> int:
+def bucket(size: int, minimum: int) -> int:
+    """The power of two at or above `size`, at least `minimum`: padded shapes from a few compiled programs."""
     return max(minimum, 1 << max(0, size - 1).bit_length())
 
 
@@ -168,9 +169,9 @@ def _plan(prompt_lengths: list[int], max_new_tokens: int, context: int, batch_sh
             "shorten the prompt (chat drops the oldest turns for you)"
         )
     # Round the prompt up to a power of two only while that leaves room for the new tokens.
-    prompt = max(longest, min(_bucket(longest, MIN_PROMPT_BUCKET), context - max_new_tokens))
-    new = min(_bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET), context - prompt)
-    batch = _bucket(len(prompt_lengths), 1)
+    prompt = max(longest, min(bucket(longest, MIN_PROMPT_BUCKET), context - max_new_tokens))
+    new = min(bucket(max_new_tokens, MIN_NEW_TOKENS_BUCKET), context - prompt)
+    batch = bucket(len(prompt_lengths), 1)
     batch = -(-batch // batch_shards) * batch_shards
     return _Layout(batch=batch, prompt=prompt, new=new, limit=min(max_new_tokens, new))
 

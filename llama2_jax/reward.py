@@ -29,10 +29,9 @@ from jax.sharding import Mesh
 from llama2_jax import sharding
 from llama2_jax.data.preferences import SEQUENCE_FIELDS, as_messages, fit_responses, response_row
 from llama2_jax.data.tokenizer import Tokenizer
+from llama2_jax.eval.likelihood import batches_by_length, length_bucket, place_rows
 from llama2_jax.generate import model_mesh, to_host
 from llama2_jax.model.llama import LlamaRewardModel
-
-MIN_LENGTH_BUCKET = 16
 
 
 def response_tokens(tokenizer: Tokenizer, prompts: Sequence[Any], responses: Sequence[str],
@@ -64,29 +63,26 @@ def score(model: LlamaRewardModel, tokenizer: Tokenizer, prompts: Sequence[Any],
                          "checkpoint (python -m llama2_jax reward writes one)")
     sequences = response_tokens(tokenizer, prompts, responses, model.config.max_seq_len)
     mesh = mesh or model_mesh(model)
-    shards = sharding.batch_shard_count(mesh, rules)
+    rows, batches = batches_by_length([len(tokens) for tokens in sequences], batch_size,
+                                      sharding.batch_shard_count(mesh, rules))
     graphdef, state = nnx.split(model)
-    order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
     scores = np.zeros(len(sequences), np.float32)
-    progress = Progress(len(order), unit="response")
+    progress = Progress(len(sequences), unit="response")
     with sharding.logical_context(mesh, rules):
-        for start in range(0, len(order), batch_size):
-            indices = order[start:start + batch_size]
-            batch = _padded_batch([sequences[index] for index in indices], model.config.max_seq_len, shards)
-            placed = [jax.make_array_from_callback(batch[name].shape, sharding.batch_sharding(mesh, rules),
-                                                   lambda index, array=batch[name]: array[index])
-                      for name in SEQUENCE_FIELDS]
-            scores[indices] = to_host(_scores(graphdef, state, *placed))[:len(indices)]
-            progress.update(min(start + batch_size, len(order)))
+        for done, indices in enumerate(batches, start=1):
+            batch = _padded_batch([sequences[index] for index in indices], model.config.max_seq_len, rows)
+            placed = place_rows(batch, mesh, rules)
+            scored = _scores(graphdef, state, *(placed[name] for name in SEQUENCE_FIELDS))
+            scores[indices] = to_host(scored)[:len(indices)]
+            progress.update(min(done * rows, len(sequences)))
     progress.close()
     return scores
 
 
-def _padded_batch(sequences: list[list[int]], context: int, shards: int) -> dict[str, np.ndarray]:
-    """Right-padded rows of a power-of-two length (at most `context`), as many as a multiple of the
-    batch shards (rows beyond the sequences are all padding)."""
-    length = min(context, max(MIN_LENGTH_BUCKET, 1 << (max(map(len, sequences)) - 1).bit_length()))
-    rows = -(-len(sequences) // shards) * shards
+def _padded_batch(sequences: list[list[int]], context: int, rows: int) -> dict[str, np.ndarray]:
+    """`rows` right-padded rows of a power-of-two length at most `context` (rows beyond the
+    sequences are all padding)."""
+    length = length_bucket(max(map(len, sequences)), context)
     padded = [response_row(tokens, length) for tokens in sequences]
     padded += [response_row([], length)] * (rows - len(sequences))
     return {name: np.stack([row[name] for row in padded]) for name in SEQUENCE_FIELDS}

@@ -342,10 +342,6 @@ class Cast:
                    tuple(sorted(name for name, _ in speakers.most_common(INSTRUCTION_CAST))),
                    tuple(sorted(name for name, _ in by_play.most_common(INSTRUCTION_CAST))))
 
-    def all_characters(self) -> list[str]:
-        return sorted({name for names in self.characters.values() for name in names})
-
-
 
 @dataclasses.dataclass(frozen=True)
 class Quote:

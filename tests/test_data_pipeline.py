@@ -33,7 +33,7 @@ def encode_document(example):
 def text_batches(config, tokenizer, *, seq_len, global_batch_size, mesh=None, seed=0, split="train",
                  num_epochs=None, **keywords):
     """Pretraining's batches: the bundled tokenizer's documents in chunks, packed."""
-    return make_batches(config, open_split(config, split, tokenizer, kind="text"), next_token_spec(seq_len),
+    return make_batches(config, open_split(config, split, kind="text"), next_token_spec(seq_len),
                         DocumentChunks(tokenizer, seq_len), global_batch_size=global_batch_size, mesh=mesh,
                         seed=seed, num_epochs=num_epochs, **keywords)
 
@@ -63,7 +63,7 @@ def tokenizer():
 
 
 def one_epoch(config, tokenizer, *, process_index=0, process_count=1, batch_size=3):
-    dataset, _ = local_batches(config, open_split(config, "train", tokenizer, kind="text"), next_token_spec(SEQ_LEN),
+    dataset, _ = local_batches(config, open_split(config, "train", kind="text"), next_token_spec(SEQ_LEN),
                                encode_document, local_batch_size=batch_size, seed=7, num_epochs=1,
                                process_index=process_index, process_count=process_count)
     return list(dataset)
@@ -134,7 +134,7 @@ def test_same_seed_same_batches_and_epochs_counted(shakespeare_config, tokenizer
 
 
 def test_epochs_are_counted(synthetic_config, tokenizer):
-    batches = make_batches(synthetic_config, open_split(synthetic_config, "train", tokenizer, kind="text"),
+    batches = make_batches(synthetic_config, open_split(synthetic_config, "train", kind="text"),
                            next_token_spec(SEQ_LEN), encode_document, global_batch_size=2, mesh=None, seed=0)
     take(batches, 60)  # about eight epochs of the synthetic documents, plus up to 64 documents read ahead
     assert 6 < batches.epoch < 8 + 64 / len(DOCUMENT_LENGTHS)
@@ -183,7 +183,7 @@ def test_one_pass_over_validation_holds_every_token_then_padding_rows(shakespear
     batches = list(text_batches(shakespeare_config, tokenizer, seq_len=256, global_batch_size=8, split="validation",
                                 num_epochs=1))
     assert all(batch["inputs"].shape == (8, 256) for batch in batches)
-    source = open_split(shakespeare_config, "validation", tokenizer, kind="text")
+    source = open_split(shakespeare_config, "validation", kind="text")
     expected = sum(len(tokenizer.encode(source[index]["text"].decode(), bos=True, eos=True)) - 1
                    for index in range(len(source)))
     assert sum(int(batch["loss_weights"].sum()) for batch in batches) == expected  # every held-out prediction
@@ -198,13 +198,13 @@ def test_bad_pipeline_inputs(shakespeare_config, synthetic_config, tokenizer):
     with pytest.raises(DataError, match="no split 'test'"):
         text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, split="test")
     with pytest.raises(DataError, match="gets no examples"):
-        local_batches(synthetic_config, open_split(synthetic_config, "train", tokenizer, kind="text"),
+        local_batches(synthetic_config, open_split(synthetic_config, "train", kind="text"),
                       next_token_spec(SEQ_LEN), encode_document, local_batch_size=1, seed=0,
                       process_index=20, process_count=21)
     with pytest.raises(DataError, match="not divisible by the 3 processes"):
         text_batches(shakespeare_config, tokenizer, seq_len=64, global_batch_size=4, process_index=0, process_count=3)
     no_weights = make_batches(
-        synthetic_config, open_split(synthetic_config, "train", tokenizer, kind="text"), next_token_spec(SEQ_LEN),
+        synthetic_config, open_split(synthetic_config, "train", kind="text"), next_token_spec(SEQ_LEN),
         lambda example: next_token_pieces(np.array([1, 2], np.int32), np.zeros(2, np.float32), SEQ_LEN),
         global_batch_size=2, mesh=None, seed=0)
     with pytest.raises(DataError, match="nothing to train on"):

@@ -208,3 +208,18 @@ def load_tokenizer(
             "to the SentencePiece .model file it was trained with"
         )
     return Tokenizer(found)
+
+
+def load_with_tokenizer(
+    path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None, dtype: Any = None,
+    *, param_dtype: Any = None,
+) -> tuple[Transformer, Tokenizer]:
+    """The checkpoint's model and its tokenizer (`load_tokenizer`), checked to fit each other."""
+    tokenizer = load_tokenizer(path, tokenizer_path)
+    model = load_pretrained(path, dtype, param_dtype=param_dtype)
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only "
+            f"{model.config.vocab_size}; pass the --tokenizer the checkpoint was trained with"
+        )
+    return model, tokenizer

@@ -117,16 +117,6 @@ def summary(name: str, result: dict) -> str:
     return line + f", step {result['step_s'] * 1000:.1f} ms (compile {result['compile_s']:.0f} s)"
 
 
-def config_flag(argv: Sequence[str]) -> str | None:
-    """The value of `--config=FILE.py:SIZE` or `--config FILE.py:SIZE`; None without one."""
-    for index, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-        if arg == "--config":
-            return argv[index + 1] if index + 1 < len(argv) else ""
-    return None
-
-
 def main_train(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog="python -m llama2_jax bench train", description=__doc__)
     parser.add_argument("--shape", choices=sorted(SHAPES),
@@ -138,12 +128,10 @@ def main_train(argv: Sequence[str]) -> int:
         parser.print_help()
         config_cli.print_config_help(argv)
         return 0
-    config_file = config_flag(argv)
+    config_file, _, rest = config_cli.split_flags(argv, "config")
     has_config = config_file is not None
     if has_config:
         config, rest = config_cli.parse_config_flags(argv)
-    else:
-        rest = [arg for arg in argv if not arg.startswith("--config.")]
     args = parser.parse_args(rest)
     if has_config and args.shape:
         raise UsageError("give --shape or --config, not both")

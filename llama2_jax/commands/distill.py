@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import jax
 
-from llama2_jax.checkpoint.load import load_pretrained, load_tokenizer
+from llama2_jax.checkpoint.load import load_with_tokenizer
 from llama2_jax.cli import ArgumentParser, reports_errors
 from llama2_jax.commands.generate import add_model_flags, load_for_sampling
 from llama2_jax.data.records import DataError, jsonl_records
@@ -77,8 +77,7 @@ def main(argv: Sequence[str]) -> int:
         from llama2_jax.reward import score
 
         unprompted = answer_dialogs(policy, tokenizer, dialogs, **generation)
-        safety = load_pretrained(args.safety_rm)
-        safety_tokenizer = load_tokenizer(args.safety_rm)
+        safety, safety_tokenizer = load_with_tokenizer(args.safety_rm)
         with_scores = score(safety, safety_tokenizer, dialogs, answers)
         without_scores = score(safety, safety_tokenizer, dialogs, unprompted)
         keep = [bool(better > worse) for better, worse in zip(with_scores, without_scores)]

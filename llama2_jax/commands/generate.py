@@ -29,19 +29,14 @@ from llama2_jax.generate import SamplingParams, complete
 
 def load_for_sampling(args: argparse.Namespace):
     """The language model and tokenizer named by the shared flags, checked against each other."""
-    from llama2_jax.checkpoint.load import load_pretrained, load_tokenizer
+    from llama2_jax.checkpoint.load import load_with_tokenizer
     from llama2_jax.model.llama import Llama
 
-    tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
-    model = load_pretrained(args.checkpoint, args.compute_dtype, param_dtype=args.dtype)
+    model, tokenizer = load_with_tokenizer(args.checkpoint, args.tokenizer, args.compute_dtype,
+                                           param_dtype=args.dtype)
     if not isinstance(model, Llama):
         raise ValueError(f"{args.checkpoint} holds a reward model, which scores text rather than writing it; "
                          "use `python -m llama2_jax score` with it, or give a language model here")
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.config.vocab_size}; pass the --tokenizer the checkpoint was trained with"
-        )
     return model, tokenizer
 
 

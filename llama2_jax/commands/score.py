@@ -49,7 +49,7 @@ def read_inputs(path: str) -> list[dict]:
 @reports_errors
 def main(argv: Sequence[str]) -> int:
     """CLI entry point."""
-    from llama2_jax.checkpoint.load import load_pretrained, load_tokenizer
+    from llama2_jax.checkpoint.load import load_with_tokenizer
     from llama2_jax.reward import score
 
     parser = ArgumentParser(prog="python -m llama2_jax score", description=__doc__)
@@ -63,11 +63,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
     args = parser.parse_args(argv)
     records = read_inputs(args.input)
-    tokenizer = load_tokenizer(args.checkpoint, args.tokenizer)
-    model = load_pretrained(args.checkpoint, args.compute_dtype, param_dtype=args.dtype)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model.config.vocab_size}; pass the --tokenizer the checkpoint was trained with")
+    model, tokenizer = load_with_tokenizer(args.checkpoint, args.tokenizer, args.compute_dtype, param_dtype=args.dtype)
     inputs = [(record, field) for record in records for field in RESPONSE_FIELDS if field in record]
     scores = score(model, tokenizer, [record["prompt"] for record, _ in inputs],
                    [record[field] for record, field in inputs], batch_size=args.batch_size)

@@ -45,11 +45,10 @@ def load_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
     return Tokenizer(data_config.tokenizer_path or None)
 
 
-def open_split(data_config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer, *, kind: str):
+def open_split(data_config: ml_collections.ConfigDict, split: str, *, kind: str):
     """Random-access examples of `split`. `kind` is what the stage reads (`text`, `chat` or
     `preferences`); a dataset of another kind is an error naming the stage that reads it.
     (Pre-tokenized text is read as packed rows instead: tokenized.open_rows, row_batches.py.)"""
-    del tokenizer  # examples are tokenized by the task's encoder
     builder = sources.open_builder(data_config)
     sources.check_kind(builder, kind)
     return sources.data_source(builder, split)

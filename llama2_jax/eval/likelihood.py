@@ -18,10 +18,30 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama2_jax import sharding
-from llama2_jax.generate import model_mesh, to_host
+from llama2_jax.generate import bucket, model_mesh, to_host
 from llama2_jax.train.losses import cross_entropy_terms
 
 MIN_LENGTH_BUCKET = 16
+
+
+def batches_by_length(lengths: Sequence[int], batch_size: int, shards: int) -> tuple[int, list[list[int]]]:
+    """(rows, batches of indices): `batch_size` rounded up to a multiple of the batch shards, and the
+    indices sorted by length in batches of that many, so every batch has the same number of rows."""
+    rows = -(-batch_size // shards) * shards
+    order = sorted(range(len(lengths)), key=lambda index: lengths[index])
+    return rows, [order[start:start + rows] for start in range(0, len(order), rows)]
+
+
+def length_bucket(longest: int, context: int) -> int:
+    """A batch's padded length: a power of two at or above `longest`, at most the model's context."""
+    return min(context, bucket(longest, MIN_LENGTH_BUCKET))
+
+
+def place_rows(batch: dict[str, np.ndarray], mesh: Mesh, rules) -> dict[str, jax.Array]:
+    """The same host arrays on every process, as global arrays split over the batch shards."""
+    where = sharding.batch_sharding(mesh, rules)
+    return {name: jax.make_array_from_callback(array.shape, where, lambda index, array=array: array[index])
+            for name, array in batch.items()}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -46,8 +66,9 @@ def _batch(sequences: Sequence[np.ndarray], weights: Sequence[np.ndarray], lengt
 
 def log_likelihoods(model: nnx.Module, sequences: Sequence[Sequence[int]], weights: Sequence[Sequence[float]], *,
                     batch_size: int = 32, mesh: Mesh | None = None,
-                    rules=sharding.DEFAULT_RULES) -> tuple[np.ndarray, np.ndarray]:
-    """(weighted log-likelihood sums, weight sums), float64 arrays in the input order."""
+                    rules=None) -> tuple[np.ndarray, np.ndarray]:
+    """(weighted log-likelihood sums, weight sums), float64 arrays in the input order; `rules`
+    default to `sharding.DEFAULT_RULES`."""
     from llama2_jax.metrics import Progress
 
     sequences = [np.asarray(tokens, np.int32) for tokens in sequences]
@@ -58,24 +79,19 @@ def log_likelihoods(model: nnx.Module, sequences: Sequence[Sequence[int]], weigh
             raise ValueError(f"sequence {index}: {len(tokens)} tokens and {len(weight)} weights; a sequence needs "
                              f"2 to {context + 1} tokens and one weight per predicted token")
     mesh = mesh or model_mesh(model)
-    shards = sharding.batch_shard_count(mesh, rules)
-    rows = -(-batch_size // shards) * shards
+    rules = sharding.DEFAULT_RULES if rules is None else rules
+    rows, batches = batches_by_length([len(tokens) for tokens in sequences], batch_size,
+                                      sharding.batch_shard_count(mesh, rules))
     graphdef, state = nnx.split(model)
-    order = sorted(range(len(sequences)), key=lambda index: len(sequences[index]))
     totals, counts = np.zeros(len(sequences)), np.zeros(len(sequences))
-    where = sharding.batch_sharding(mesh, rules)
-    progress = Progress(len(order), unit="sequence")
+    progress = Progress(len(sequences), unit="sequence")
     with sharding.logical_context(mesh, rules):
-        for start in range(0, len(order), rows):
-            indices = order[start:start + rows]
-            longest = max(len(sequences[index]) - 1 for index in indices)
-            length = min(context, max(MIN_LENGTH_BUCKET, 1 << (longest - 1).bit_length()))
+        for done, indices in enumerate(batches, start=1):
+            length = length_bucket(max(len(sequences[index]) - 1 for index in indices), context)
             batch = _batch([sequences[i] for i in indices], [weights[i] for i in indices], length, rows)
-            placed = {name: jax.make_array_from_callback(array.shape, where, lambda index, array=array: array[index])
-                      for name, array in batch.items()}
-            sums, weight_sums = _sums(graphdef, state, **placed)
+            sums, weight_sums = _sums(graphdef, state, **place_rows(batch, mesh, rules))
             totals[indices] = to_host(sums)[:len(indices)]
             counts[indices] = to_host(weight_sums)[:len(indices)]
-            progress.update(min(start + rows, len(order)))
+            progress.update(min(done * rows, len(sequences)))
     progress.close()
     return totals, counts

@@ -97,8 +97,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], *, shots: int = 0, s
             sequences.append(tokens)
             weights.append(weight)
             owners.append(index)
-    extra = {} if rules is None else {"rules": rules}
-    totals, _ = log_likelihoods(model, sequences, weights, batch_size=batch_size, mesh=mesh, **extra)
+    totals, _ = log_likelihoods(model, sequences, weights, batch_size=batch_size, mesh=mesh, rules=rules)
     right = right_norm = 0
     position = 0
     for example in examples:

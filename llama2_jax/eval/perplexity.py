@@ -61,9 +61,8 @@ def perplexity(model, tokenizer, documents: Sequence[str], *, batch_size: int = 
     sequences, empty = windows(tokenizer, documents, model.config.max_seq_len)
     if not sequences:
         raise DataError("no document holds any token to predict; give non-empty text")
-    extra = {} if rules is None else {"rules": rules}
     totals, counts = log_likelihoods(model, sequences, [np.ones(len(s) - 1) for s in sequences],
-                                     batch_size=batch_size, mesh=mesh, **extra)
+                                     batch_size=batch_size, mesh=mesh, rules=rules)
     tokens = int(counts.sum())
     nll = float(-totals.sum() / tokens)
     return {"perplexity": math.exp(nll), "nll_per_token": nll, "tokens": tokens,

@@ -63,7 +63,7 @@ def next_token_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | No
         if kind == "text" and tokenized.is_configured(data):  # packed ahead of time: read by row index
             rows = tokenized.open_rows(data, split, split_tokenizer, train_config.seq_len)
             return make_row_batches(data, rows, spec, **options)
-        return make_batches(data, open_split(data, split, split_tokenizer, kind=kind), spec,
+        return make_batches(data, open_split(data, split, kind=kind), spec,
                             pieces(split_tokenizer, train_config.seq_len), **options)
 
     evaluates_tasks = tokenizer is not None and train_config.eval_tasks
@@ -105,7 +105,7 @@ def _training_examples(config: ml_collections.ConfigDict, tokenizer: Tokenizer) 
     data, seq_len = config.data, config.train.seq_len
     if tokenized.is_configured(data):
         return tokenized.open_rows(data, data.train_split, tokenizer, seq_len), lambda row: [row]
-    return open_split(data, data.train_split, tokenizer, kind="text"), DocumentChunks(tokenizer, seq_len)
+    return open_split(data, data.train_split, kind="text"), DocumentChunks(tokenizer, seq_len)
 
 
 def sample(result: TrainResult, tokenizer: Tokenizer, prompt: str, length: int, seed: int = 0) -> str:

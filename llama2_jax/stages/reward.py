@@ -72,11 +72,11 @@ def mixture(config: ml_collections.ConfigDict) -> tuple[list[str], list[float]]:
     return names, [1 - sum(shares), *shares]
 
 
-def open_preferences(config: ml_collections.ConfigDict, name: str, split: str, tokenizer: Tokenizer):
+def open_preferences(config: ml_collections.ConfigDict, name: str, split: str):
     """The `split` of preference dataset `name`: data.dataset as the data section says (built from
     data.paths if given), another one already prepared in data.data_dir."""
     if name == config.data.dataset:
-        return open_split(config.data, split, tokenizer, kind="preferences")
+        return open_split(config.data, split, kind="preferences")
     builder = sources.prepared_dataset(name, config.data.data_dir or None)
     sources.check_kind(builder, "preferences")
     return sources.data_source(builder, split)
@@ -109,9 +109,9 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
         pair_tokenizer = tokenizer or initial_tokenizer(config)
         if split == data.train_split:
             names, shares = mixture(config)
-            source = Mixture([open_preferences(config, name, split, pair_tokenizer) for name in names], shares)
+            source = Mixture([open_preferences(config, name, split) for name in names], shares)
         else:
-            source = open_preferences(config, data.dataset, split, pair_tokenizer)
+            source = open_preferences(config, data.dataset, split)
         return make_batches(data, source, spec, pair_encoder(config, pair_tokenizer),
                             global_batch_size=train_config.global_batch_size, mesh=mesh, rules=rules,
                             seed=train_config.seed, num_epochs=num_epochs)
@@ -133,7 +133,7 @@ def count_pairs(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list
     """What the encoder makes of every training dataset, printed; an error for a dataset of which
     nothing can be trained on."""
     encoder = pair_encoder(config, tokenizer)
-    counts = [scan(name, open_preferences(config, name, config.data.train_split, tokenizer), encoder)
+    counts = [scan(name, open_preferences(config, name, config.data.train_split), encoder)
               for name in mixture(config)[0]]
     for found in counts:
         report(f"training pairs: {found.summary()}")
@@ -142,7 +142,7 @@ def count_pairs(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list
                     else "; check the dataset and train.seq_len")
             raise DataError(f"none of the {found.total} pairs of {found.name} can be trained on{hint}")
     if config.train.eval_every:
-        held_out = open_preferences(config, config.data.dataset, config.data.eval_split, tokenizer)
+        held_out = open_preferences(config, config.data.dataset, config.data.eval_split)
         report(f"held-out pairs: {scan(config.data.dataset, held_out, encoder).summary()}")
     return counts
 

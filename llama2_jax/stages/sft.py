@@ -60,7 +60,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     tokenizer = initial_tokenizer(config)
     check_initial_checkpoint(config, tokenizer, kind="llama")
     encoder = DialogPieces(tokenizer, config.train.seq_len)
-    counts = scan(open_split(config.data, config.data.train_split, tokenizer, kind="chat"), encoder)
+    counts = scan(open_split(config.data, config.data.train_split, kind="chat"), encoder)
     log.info("training dialogs: %s", counts.summary())
     if jax.process_index() == 0:
         print(f"training dialogs: {counts.summary()}")
@@ -76,7 +76,7 @@ def answer_held_out(result: TrainResult, config: ml_collections.ConfigDict, toke
                     path: str | os.PathLike) -> None:
     """The model's answers to the first held-out dialogs, printed and written to `path` as JSON lines
     {"messages": the prompt, "reference": the held-out answer, "answer": the model's} (greedy)."""
-    source = open_split(config.data, config.data.eval_split, tokenizer, kind="chat")
+    source = open_split(config.data, config.data.eval_split, kind="chat")
     dialogs = [example_messages(source[index]) for index in range(min(config.sft.eval_prompts, len(source)))]
     prompts = [[{"role": m["role"], "content": m["content"]} for m in dialog[:-1]] for dialog in dialogs]
     answers = generate.answer_dialogs(result.model(), tokenizer, prompts, max_new_tokens=config.sft.answer_tokens,
