@@ -127,7 +127,7 @@ def local_batches(data_config: ml_collections.ConfigDict, source, spec: BatchSpe
         packed_names = [name for name in spec.fields if name not in PACKED_FIELDS]
         rows = grain.experimental.FirstFitPackIterDataset(
             pieces, length_struct={name: seq_len for name in packed_names},
-            num_packing_bins=data_config.packing_bins or max(local_batch_size, 16), seed=seed,
+            num_packing_bins=packing_bins(data_config, local_batch_size), seed=seed,
             shuffle_bins=data_config.shuffle).map(_packed_row(spec))
     else:
         rows = pieces
@@ -258,7 +258,7 @@ def make_batches(data_config: ml_collections.ConfigDict, source, spec: BatchSpec
                         "processes; change train.global_batch_size")
     sharding = None if mesh is None else global_batch_sharding(mesh, rules, global_batch_size)
     local_batch_size = global_batch_size // process_count
-    seed = data_config.seed if data_config.seed >= 0 else seed
+    seed = data_seed(data_config, seed)
     dataset, examples = local_batches(
         data_config, source, spec, encoder, local_batch_size=local_batch_size, seed=seed,
         num_epochs=num_epochs, process_index=process_index, process_count=process_count)
@@ -266,11 +266,23 @@ def make_batches(data_config: ml_collections.ConfigDict, source, spec: BatchSpec
                    local_batch_size=local_batch_size, sharding=sharding, finite=num_epochs is not None)
 
 
-def packed_rows(piece_lengths, seq_len: int, packing_bins: int, seed: int) -> int:
-    """How many rows the first-fit packer makes of pieces of these lengths (in this order): the
-    rows of one epoch, which a stage trained by epochs turns into steps."""
+def packing_bins(data_config: ml_collections.ConfigDict, local_batch_size: int) -> int:
+    """The first-fit packer's open rows: data.packing_bins, by default the local batch (at least 16)."""
+    return data_config.packing_bins or max(local_batch_size, 16)
+
+
+def data_seed(data_config: ml_collections.ConfigDict, seed: int) -> int:
+    """The seed of shuffling and packing: data.seed when set (>= 0), else the stage's `seed`."""
+    return data_config.seed if data_config.seed >= 0 else seed
+
+
+def packed_rows(piece_lengths, seq_len: int, data_config: ml_collections.ConfigDict, local_batch_size: int,
+                seed: int) -> int:
+    """How many rows the first-fit packer makes of pieces of these lengths (in this order), packed
+    as `local_batches` packs them: the rows of one epoch, which a stage trained by epochs turns into steps."""
     pieces = grain.MapDataset.source([{"inputs": np.zeros(length, np.int32)} for length in piece_lengths])
     rows = grain.experimental.FirstFitPackIterDataset(
-        pieces.to_iter_dataset(), length_struct={"inputs": seq_len}, num_packing_bins=packing_bins, seed=seed,
+        pieces.to_iter_dataset(), length_struct={"inputs": seq_len},
+        num_packing_bins=packing_bins(data_config, local_batch_size), seed=data_seed(data_config, seed),
         shuffle_bins=False)
     return sum(1 for _ in rows)

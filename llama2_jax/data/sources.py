@@ -21,7 +21,7 @@ import json
 import os
 import shutil
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -284,14 +284,13 @@ def build_local_dataset(name: str, paths: Sequence[str | os.PathLike], *, format
                          document_chars=document_chars, holdout_fraction=holdout_fraction,
                          skip_bad_lines=skip_bad_lines)
     builder_class = _BUILDER_CLASSES[_BUILDER_OF_FORMAT[format]]
-    builder = _prepare(builder_class, config, data_dir)
-    stored = dict(builder.info.metadata or {})
-    if stored.get("paths") == list(absolute_paths) and stored.get("inputs") != inputs_stamp(absolute_paths):
-        print(f"the files of dataset {builder.name}/{name} changed since it was built: building it again")
-        with build_lock(storage.as_path(builder.data_dir).parent.parent.parent):
-            shutil.rmtree(builder.data_dir, ignore_errors=True)
-        builder = _prepare(builder_class, config, data_dir)
+
+    def inputs_changed(builder) -> bool:
         stored = dict(builder.info.metadata or {})
+        return stored.get("paths") == list(absolute_paths) and stored.get("inputs") != inputs_stamp(absolute_paths)
+
+    builder = _prepare(builder_class, config, data_dir, inputs_changed)
+    stored = dict(builder.info.metadata or {})
     if stored.get("paths") != list(absolute_paths) or stored.get("format") != format:
         raise DataError(f"dataset {builder.name}/{name} in {builder.data_dir} was built from "
                         f"{stored.get('paths')} ({stored.get('format')}); choose another data.dataset name "
@@ -304,14 +303,24 @@ def bundled_dataset(name: str = "shakespeare", data_dir: str | os.PathLike | Non
     return _prepare(BUNDLED[name], None, data_dir)
 
 
-def _prepare(builder_class: type, config: LocalConfig | None,
-             data_dir: str | os.PathLike | None) -> tfds.core.DatasetBuilder:
+def _prepare(builder_class: type, config: LocalConfig | None, data_dir: str | os.PathLike | None,
+             is_stale: Callable[[Any], bool] = lambda builder: False) -> tfds.core.DatasetBuilder:
+    """The builder, built first if it is not prepared or `is_stale`, under the data_dir's lock."""
     data_dir = storage.as_path(data_dir or DEFAULT_DATA_DIR)
-    builder = builder_class(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-    if not builder.is_prepared():
+
+    def open_builder():
+        return builder_class(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
+
+    builder = open_builder()
+    if not builder.is_prepared() or is_stale(builder):
         with build_lock(data_dir):
-            builder = builder_class(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-            if not builder.is_prepared():  # another process may have built it while we waited
+            builder = open_builder()  # another process may have built it while we waited
+            if builder.is_prepared() and is_stale(builder):
+                print(f"the files of dataset {builder.name}/{builder.builder_config.name} changed since it was "
+                      "built: building it again")
+                shutil.rmtree(builder.data_dir, ignore_errors=True)
+                builder = open_builder()
+            if not builder.is_prepared():
                 tfds.display_progress_bar(False)
                 builder.download_and_prepare()
     return builder

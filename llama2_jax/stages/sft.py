@@ -51,8 +51,8 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
 
 def rows_per_epoch(config: ml_collections.ConfigDict, piece_lengths) -> int:
     """Packed rows of `seq_len` the dialogs of one epoch make, packed as the pipeline packs them."""
-    bins = config.data.packing_bins or max(config.train.global_batch_size // jax.process_count(), 16)
-    return packed_rows(piece_lengths, config.train.seq_len, bins, config.train.seed)
+    return packed_rows(piece_lengths, config.train.seq_len, config.data,
+                       config.train.global_batch_size // jax.process_count(), config.train.seed)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
