@@ -8,6 +8,8 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 PROCESS = r"""
@@ -49,8 +51,8 @@ else:
     position = Position()
     target = {"w": jax.ShapeDtypeStruct((8, 8), np.float32, sharding=sharding)}
     step, state = manager.restore(target, position)
-    first = float(state["w"].addressable_shards[0].data[0, 0])
-    print("RESULT " + json.dumps({"step": step, "position": position.position, "first": first}))
+    rows = {int(shard.index[0].start): np.asarray(shard.data).tolist() for shard in state["w"].addressable_shards}
+    print("RESULT " + json.dumps({"step": step, "position": position.position, "rows": rows}))
 """
 
 
@@ -98,7 +100,13 @@ def test_processes_agree_on_the_step_when_one_cannot_read_it(tmp_path):
     results = [_result(output) for output in outputs]
     assert [r["step"] for r in results] == [10, 10]
     assert [r["position"] for r in results] == [10, 110]
-    assert all(r["first"] >= 10 and r["first"] < 74 for r in results)
+    # Each process holds the rows of its devices, and they are step 10's (step 20's are each 10 more).
+    step_10 = np.arange(64.0).reshape(8, 8) + 10
+    for result in results:
+        assert result["rows"]
+        for start, rows in result["rows"].items():
+            np.testing.assert_array_equal(rows, step_10[int(start):int(start) + len(rows)])
+    assert sorted(int(start) for result in results for start in result["rows"]) == list(range(8))
     moved = tmp_path / "checkpoints_unreadable" / "20"
     assert moved.is_dir() and not (tmp_path / "checkpoints" / "20").exists()
     directory = tmp_path / "checkpoints"
