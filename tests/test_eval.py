@@ -12,7 +12,7 @@ from llama2_jax import cli
 from llama2_jax.checkpoint.load import load_pretrained
 from llama2_jax.data.records import DataError
 from llama2_jax.data.tokenizer import Tokenizer
-from llama2_jax.eval import multiple_choice, perplexity
+from llama2_jax.eval import likelihood, multiple_choice, perplexity
 from llama2_jax.metrics import read_metrics
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
@@ -81,11 +81,64 @@ def test_real_lines_beat_shuffled_ones_for_a_trained_model_only(trained, untrain
     assert 0.1 < guessing["accuracy"] < 0.4
 
 
+@nnx.jit
+def forward(model, inputs):
+    return model(inputs)
+
+
+def teacher_forced_log_probs(model, tokens):
+    """log p(tokens[i] | tokens before it) for i >= 1, from one forward pass, in float64 (inputs
+    right-padded to one length, which a causal model's earlier logits do not see: one compile)."""
+    inputs = np.zeros((1, 32), np.int32)
+    inputs[0, :len(tokens) - 1] = tokens[:-1]
+    logits = np.asarray(forward(model, inputs)[0, :len(tokens) - 1], np.float64)
+    top = logits.max(axis=-1, keepdims=True)
+    log_probs = logits - top - np.log(np.exp(logits - top).sum(axis=-1, keepdims=True))
+    return np.take_along_axis(log_probs, np.asarray(tokens)[1:, None], axis=-1)[:, 0]
+
+
+def choice_log_likelihood(model, context, choice):
+    """The log-likelihood of the choice's tokens after BOS + context, and how many there are."""
+    whole = TOKENIZER.encode(f"{context} {choice}", bos=True, eos=False)
+    context_tokens = TOKENIZER.encode(context, bos=True, eos=False)
+    assert whole[:len(context_tokens)] == context_tokens  # the choice adds tokens, it changes none
+    scored = teacher_forced_log_probs(model, whole)[len(context_tokens) - 1:]
+    return float(scored.sum()), len(scored)
+
+
 def test_choice_scores_are_the_log_likelihood_of_the_choice_tokens_alone(untrained):
     tokens, weights = multiple_choice.choice_sequence(TOKENIZER, "Now is the winter", "of our discontent", 64)
     assert TOKENIZER.decode(tokens) == "Now is the winter of our discontent"
     scored = [int(token) for token, weight in zip(tokens[1:], weights) if weight]
     assert TOKENIZER.decode(scored).strip() == "of our discontent"
+    choices = ["of our discontent", "made glorious summer by this sun of York", "O"]
+    sequences = [multiple_choice.choice_sequence(TOKENIZER, "Now is the winter", choice, 64) for choice in choices]
+    totals, counts = likelihood.log_likelihoods(untrained, *zip(*sequences))
+    expected = [choice_log_likelihood(untrained, "Now is the winter", choice) for choice in choices]
+    # A batched program against single forward passes: equal to float32 rounding. Counting the
+    # context's tokens too would add whole units of log-likelihood (about -8 a token).
+    np.testing.assert_allclose(totals, [total for total, _ in expected], rtol=1e-5)
+    assert list(counts) == [count for _, count in expected]
+
+
+def test_accuracy_norm_is_the_best_log_likelihood_per_character_of_the_choice(untrained):
+    # An untrained model gives every token about the same log-likelihood (-log 4096): a one-word
+    # choice has the highest sum, a long one the highest sum per character.
+    examples = [multiple_choice.Example("Now is the winter", ("O", "of our discontent made glorious summer"), 1),
+                multiple_choice.Example("To be, or not to be:", ("that is the question, whether 'tis nobler", "Ay"), 1),
+                multiple_choice.Example("Alas, poor Yorick!", ("I knew him, Horatio: a fellow of infinite jest", "O"), 0)]
+    right = right_norm = 0
+    for example in examples:
+        scores = np.array([choice_log_likelihood(untrained, example.context, choice)[0]
+                           for choice in example.choices])
+        per_character = scores / [len(choice) for choice in example.choices]
+        for values in (scores, per_character):  # far from a tie that rounding could flip
+            assert abs(values[0] - values[1]) > 0.5
+        right += int(np.argmax(scores)) == example.answer
+        right_norm += int(np.argmax(per_character)) == example.answer
+    assert (right, right_norm) == (1, 2)
+    result = multiple_choice.evaluate(untrained, TOKENIZER, examples)
+    assert (result["accuracy"], result["accuracy_norm"]) == (1 / 3, 2 / 3)
 
 
 @pytest.mark.parametrize("line, message", [
@@ -108,13 +161,17 @@ def test_eval_command_writes_the_figures(tmp_path, capsys):
     checkpoint = tmp_path / "model"
     from llama2_jax.checkpoint.convert import export_model
 
-    export_model(Llama(LlamaConfig.from_preset("tiny", compute_dtype="float32"), rngs=nnx.Rngs(0)), str(checkpoint),
-                 "orbax", tokenizer_path=str(TOKENIZER.path))
+    model = Llama(LlamaConfig.from_preset("tiny", compute_dtype="float32"), rngs=nnx.Rngs(0))
+    export_model(model, str(checkpoint), "orbax", tokenizer_path=str(TOKENIZER.path))
     text = tmp_path / "held_out.jsonl"
     text.write_text("\n".join(json.dumps({"text": document}) for document in DOCUMENTS) + "\n")
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--text", str(text),
                      "--out", str(tmp_path / "ppl.json")]) == 0
     figures = json.loads((tmp_path / "ppl.json").read_text())
-    assert {"perplexity", "nll_per_token", "tokens"} <= set(figures) and figures["tokens"] > 0
+    # The same model's figures in this process, on its own device layout: equal to float32 rounding.
+    expected = perplexity.perplexity(model, TOKENIZER, DOCUMENTS)
+    assert figures["tokens"] == expected["tokens"] and figures["documents"] == len(DOCUMENTS)
+    assert figures["nll_per_token"] == pytest.approx(expected["nll_per_token"], rel=1e-5)
+    assert figures["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.json")]) == 2
     assert "one of them" in capsys.readouterr().err
