@@ -75,9 +75,12 @@ def test_distilled_dialogs_from_a_real_policy_train_without_the_preprompt(checkp
                      "--out", str(out), "--answer-tokens", "8"]) == 0
     from llama2_jax.data.records import parse_chat_record
 
-    for line in out.read_text().splitlines():
-        messages = parse_chat_record(json.loads(line))["messages"]  # a dialog sft accepts
-        assert [message["role"] for message in messages] == ["user", "assistant"]
+    # Dialogs sft accepts, one per prompt in order (a policy's empty answer would be left out: eight
+    # sampled tokens of a random model are all but never EOS or blank), none with the preprompt.
+    dialogs = [parse_chat_record(json.loads(line))["messages"] for line in out.read_text().splitlines()]
+    assert [[message["role"] for message in messages] for messages in dialogs] == [["user", "assistant"]] * 4
+    assert [messages[0]["content"] for messages in dialogs] == PROMPTS
+    assert all(messages[1]["content"].strip() for messages in dialogs)
 
 
 def test_a_prompt_that_is_not_a_user_turn_is_one_clear_error(checkpoints, tmp_path, capsys):
