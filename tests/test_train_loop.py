@@ -117,7 +117,12 @@ def test_run_logs_checkpoints_and_learns(straight_run):
     for name in ("grad_norm", "learning_rate", "tokens_per_s", "tflops_per_device", "step_time_s"):
         assert name in train_records[-1]
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 3, 6]  # step 0: the model the run starts from
-    assert train_records[-1]["loss"] < train_records[0]["loss"]
+    # From about ln 256 = 5.55 (uniform over the vocabulary), six steps at 1e-2 take the training loss
+    # down by 0.5 and the evaluation loss (the same two batches each time) by 0.9; batches differ by
+    # about 0.02 at the start, so a model that learns a tenth as fast falls well short of these margins.
+    assert train_records[-1]["loss"] < train_records[0]["loss"] - 0.25
+    evaluations = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert evaluations[-1] < evaluations[0] - 0.45
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     assert os.listdir(os.path.join(workdir, "tensorboard"))
     assert os.path.exists(os.path.join(workdir, "model_config.json"))
@@ -133,8 +138,12 @@ def test_sigterm_between_log_steps_then_restart_resumes_exactly(straight_run, tm
     assert stopped.interrupted and int(stopped.state.step) == 4
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "4"]
     assert losses(workdir) == {}
+    # A crash after step 5 was logged but before it was saved leaves a line past the restored step.
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as metrics:
+        metrics.write('{"step": 5, "loss": 99.0}\n{"step": 5, "eval_loss": 99.0}\n')
     resumed = train(make_config(log_every=5), workdir, make_task())
-    assert losses(workdir) == {step: loss for step, loss in losses(reference_dir).items() if step in (5, 6)}
+    expected = losses(reference_dir)
+    assert [(r["step"], r.get("loss")) for r in read_metrics(workdir)] == [(5, expected[5]), (6, expected[6])]
     jax.tree.map(np.testing.assert_array_equal, params_of(resumed), params_of(reference))
 
 
