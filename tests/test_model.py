@@ -168,10 +168,23 @@ def test_every_remat_policy_gives_the_same_gradients_with_less_memory():
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_logits():
-    model = Llama(TINY.replace(compute_dtype="bfloat16"), rngs=nnx.Rngs(0))
-    logits = model(jnp.zeros((1, 4), jnp.int32))
-    assert logits.dtype == jnp.float32
-    assert model.layers.attention.wq[...].dtype == jnp.float32
+    config = TINY.replace(max_seq_len=1024, compute_dtype="bfloat16")
+    model = Llama(config, rngs=nnx.Rngs(0))
+    # Sharper attention than at initialisation, where it is nearly uniform and hides position errors.
+    model.layers.attention.wq[...] *= 4
+    model.layers.attention.wk[...] *= 4
+    same_weights = nnx.eval_shape(lambda: Llama(config.replace(compute_dtype="float32"), rngs=nnx.Rngs(0)))
+    nnx.update(same_weights, nnx.state(model))
+    models = {"bfloat16": model, "float32": same_weights}
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 64)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(960, 1024), tokens.shape)  # the end of a long context
+    logits = {dtype: nnx.jit(lambda model: model(tokens, positions))(model) for dtype, model in models.items()}
+    assert logits["bfloat16"].dtype == jnp.float32
+    assert models["bfloat16"].layers.attention.wq[...].dtype == jnp.float32
+    # bfloat16 keeps 8 significant bits: every matmul input is rounded by up to 2^-9 of itself, and the
+    # logits (up to 1 here) move by up to 0.006. A position error moves them by a tenth and more (rotary
+    # angles in bfloat16, which holds only every fourth whole number between 512 and 1024).
+    np.testing.assert_allclose(logits["bfloat16"], logits["float32"], atol=0.02)
 
 
 def test_reward_head_reads_the_last_non_padding_token():
