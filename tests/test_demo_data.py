@@ -73,11 +73,13 @@ def test_forms_as_the_paper_writes_them():
 
 
 def test_malformed_instructions_are_refused():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="instruction kind 'mood' is not one of"):
         Instruction("mood", "merry")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a play instruction needs a non-empty value"):
+        Instruction("play", " ")
+    with pytest.raises(ValueError, match=r"one instruction per kind, at least one; got \[\]"):
         InstructionSet(())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"one instruction per kind, at least one; got \['character', 'character'\]"):
         InstructionSet((CHARACTER, Instruction("character", "OPHELIA")))
 
 
