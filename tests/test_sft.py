@@ -73,21 +73,25 @@ def test_changing_one_packed_example_leaves_the_others_unchanged():
     model = Llama(LlamaConfig.from_preset("tiny", compute_dtype="float32"), rngs=nnx.Rngs(0))
     encoder = DialogPieces(TOKENIZER, 256)
 
-    def packed_row(second_dialog):
-        (first,), _ = encoder.encode(DIALOG)
-        (second,), _ = encoder.encode(second_dialog)
+    def packed_row(first_dialog):
+        """DIALOG's logits and loss when packed after `first_dialog`: the example that changes comes
+        first, so that only the segment mask, not causality, keeps it from DIALOG."""
+        (first,), _ = encoder.encode(first_dialog)
+        (second,), _ = encoder.encode(DIALOG)
         row = {name: np.concatenate([first[name], second[name]])[None] for name in first}
         row["segment_ids"] = np.concatenate([np.full(len(first["inputs"]), 1), np.full(len(second["inputs"]), 2)])[None]
         row["positions"] = np.concatenate([np.arange(len(first["inputs"])), np.arange(len(second["inputs"]))])[None]
-        first_only = row["loss_weights"] * (row["segment_ids"] == 1)
+        second_only = row["loss_weights"] * (row["segment_ids"] == 2)
         logits = model(jnp.asarray(row["inputs"]), jnp.asarray(row["positions"]), jnp.asarray(row["segment_ids"]))
-        loss, _ = weighted_cross_entropy(logits, jnp.asarray(row["targets"]), jnp.asarray(first_only))
-        return np.asarray(logits[0, :len(first["inputs"])]), float(loss)
+        loss, _ = weighted_cross_entropy(logits, jnp.asarray(row["targets"]), jnp.asarray(second_only))
+        return np.asarray(logits[0, len(first["inputs"]):]), float(loss)
 
     logits, loss = packed_row(exchange("Who says 'Alas'?", "YORICK."))
     other_logits, other_loss = packed_row(exchange("Something else entirely, and longer?", "No."))
-    np.testing.assert_array_equal(logits, other_logits)
-    assert loss == other_loss
+    # Rows of other lengths run as other programs, which may add up in another order: equal to float32
+    # rounding (a few 1e-7 here), where attending across the segments moves DIALOG's logits by tenths.
+    np.testing.assert_allclose(other_logits, logits, rtol=1e-5, atol=1e-5)
+    assert other_loss == pytest.approx(loss, rel=1e-5)
 
 
 def conversation(answers=()):
