@@ -2,7 +2,7 @@
 
 A stage of the recipe (pretraining, SFT, the reward models) is a module of `llama2_jax/stages/`
 with a config file in `configs/`; its command is the shared stage runner below, so adding a stage
-is one module, one config file and one line in `STAGES`. Commands that are not stages live in
+is one module, one config file and one line in `stages.STAGES`. Commands that are not stages live in
 `llama2_jax/commands/`, one module each with a `main(argv)`.
 
 Exit status: 0 on success, 2 for a usage error (an unknown flag, config key or value), 1 for a
@@ -23,13 +23,10 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-# command: (module, what it does). A stage's module lives in llama2_jax/stages/.
-STAGES = {
-    "train": ("llama2_jax.stages.pretrain", "pretrain a model on text (configs/pretrain.py)"),
-    "sft": ("llama2_jax.stages.sft", "fine-tune on dialogs, the loss on the answers (configs/sft.py)"),
-    "reward": ("llama2_jax.stages.reward", "train a helpfulness or safety reward model on preference pairs "
-               "(configs/reward.py)"),
-}
+from llama2_jax import stages
+
+# command: the stage it runs (llama2_jax/stages/__init__.py holds the table).
+STAGES = {stage.command: stage for stage in stages.STAGES.values()}
 COMMANDS = {
     "generate": ("llama2_jax.commands.generate", "sample completions for a file of prompts"),
     "score": ("llama2_jax.commands.score", "score responses to prompts with a reward model"),
@@ -71,7 +68,7 @@ def one_line(error: BaseException) -> str:
 
 def reports_errors(main: Callable[[Sequence[str]], int | None]) -> Callable[[Sequence[str]], int]:
     """Wraps a command's `main(argv)`: errors become one stderr line and an exit status."""
-    from llama2_jax.config_cli import ConfigError
+    from llama2_jax.errors import ConfigError
 
     @functools.wraps(main)
     def wrapped(argv: Sequence[str], **keywords) -> int:
@@ -112,7 +109,7 @@ def run_stage(argv: Sequence[str], *, command: str, module_name: str) -> int:
         return 0
     config, rest = config_cli.parse_config_flags(argv)
     if config.stage != stage.STAGE:
-        owner = next(name for name, (module, _) in STAGES.items() if module.endswith(f".{config.stage}"))
+        owner = stages.stage_of(config.stage).command
         raise UsageError(f"that config is for the {config.stage} stage; run `python -m llama2_jax {owner}`")
     args = parser.parse_args(rest)
     from llama2_jax import storage
@@ -154,7 +151,7 @@ def _usage() -> str:
     width = max(map(len, {**STAGES, **COMMANDS}))
     lines = ["usage: python -m llama2_jax <command> [flags]   (python -m llama2_jax <command> --help)", "",
              "stages of the recipe:"]
-    lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in STAGES.items()]
+    lines += [f"  {name:<{width}}  {stage.summary}" for name, stage in STAGES.items()]
     lines += ["", "commands:"]
     lines += [f"  {name:<{width}}  {help_text}" for name, (_, help_text) in COMMANDS.items()]
     return "\n".join(lines)
@@ -179,5 +176,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {one_line(error)}", file=sys.stderr)
             return 1
     if command in STAGES:
-        return run_stage(rest, command=command, module_name=STAGES[command][0])
+        return run_stage(rest, command=command, module_name=STAGES[command].module)
     return importlib.import_module(COMMANDS[command][0]).main(rest)

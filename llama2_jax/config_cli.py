@@ -17,9 +17,8 @@ from typing import Any
 
 import ml_collections
 
-
-class ConfigError(ValueError):
-    """A config file, override or key that cannot be used, with what to do instead."""
+from llama2_jax import stages
+from llama2_jax.errors import ConfigError
 
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
@@ -153,8 +152,7 @@ def key_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
     """What each key of `config` means: the shared sections' docs and its stage's own."""
     from llama2_jax.train.config import KEY_DOCS
 
-    stage = importlib.import_module(f"llama2_jax.stages.{config.stage}")
-    return {**KEY_DOCS, **stage.CONFIG_DOCS}
+    return {**KEY_DOCS, **stages.stage_module(config.stage).CONFIG_DOCS}
 
 
 def describe(config: ml_collections.ConfigDict) -> str:

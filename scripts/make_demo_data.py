@@ -9,8 +9,9 @@ a speech goes on (a line -> the next line of the same speech).
 
 From these it writes chat dialogs for supervised fine-tuning (single questions, single questions
 carrying a checkable instruction of `llama2_jax.data.instructions`, short multi-turn dialogs), long
-instruction-free dialogs for Ghost Attention, preference pairs for the reward models, the characters
-and plays the instructions name, and a README with the counts. Speeches go to the validation split by
+instruction-free dialogs for Ghost Attention, preference pairs for the reward models, prompts for
+rejection sampling (those of the pairs, flagged as safety prompts or not), the characters and plays
+the instructions name, and a README with the counts. Speeches go to the validation split by
 a hash of their text, so no speech is seen by both splits. Every file is read back with the
 repository's own readers before the README is written.
 """
@@ -30,7 +31,8 @@ from pathlib import Path
 
 from llama2_jax.data.chat import Message, encode_dialog
 from llama2_jax.data.instructions import CHARACTERS_AND_PLAYS, DEMO_DATA_DIR, InstructionSet
-from llama2_jax.data.records import RATING_LEVELS, parse_chat_record, parse_preference_record, parse_records
+from llama2_jax.data.records import (RATING_LEVELS, parse_chat_record, parse_preference_record, parse_prompt_record,
+                                     parse_records)
 from llama2_jax.data.tokenizer import Tokenizer
 
 CORPUS_DIR = Path(__file__).resolve().parent.parent / "llama2_jax" / "assets" / "shakespeare"
@@ -650,6 +652,9 @@ COUNTS = {
     "validation": {"dialogs": 500, "gatt_dialogs": 60, "preferences": 1_000},
 }
 MAX_TOKENS = {"dialogs": 256, "gatt_dialogs": 512}  # in the Llama 2 chat format, bundled tokenizer
+# Prompts for rejection sampling, drawn from each split's pairs: helpfulness prompts, and safety
+# prompts (a violent line to continue). The held-out set has as many of each, to measure both.
+PROMPT_COUNTS = {"train": {"helpfulness": 800, "safety": 200}, "validation": {"helpfulness": 100, "safety": 100}}
 
 
 def build(speeches: Sequence[Speech], cast: Cast, tokenizer: Tokenizer) -> dict[str, list[dict]]:
@@ -674,7 +679,20 @@ def build(speeches: Sequence[Speech], cast: Cast, tokenizer: Tokenizer) -> dict[
         pairs = preference_pairs(quotes, counts["preferences"], rng["preferences"])
         for model, model_pairs in pairs.items():
             files[f"{model}_pairs_{split}.jsonl"] = model_pairs
+        files[f"prompts_{split}.jsonl"] = prompt_set(
+            pairs, PROMPT_COUNTS[split], random.Random(f"{SEED}:{split}:prompts")
+        )
     return files
+
+
+def prompt_set(pairs: dict[str, list[dict]], counts: dict[str, int], rng: random.Random) -> list[dict]:
+    """`counts[model]` distinct prompts of each model's pairs, those of the safety pairs flagged, shuffled."""
+    prompts = []
+    for model, count in counts.items():
+        distinct = list({json.dumps(pair["prompt"]): pair["prompt"] for pair in pairs[model]}.values())
+        prompts += [{"messages": prompt, "safety": model == "safety"} for prompt in rng.sample(distinct, count)]
+    rng.shuffle(prompts)
+    return prompts
 
 
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
@@ -688,7 +706,9 @@ def token_lengths(paths: Iterable[Path], tokenizer: Tokenizer) -> dict[str, list
     chat format (a preference pair as its prompt and chosen answer)."""
     lengths = {}
     for path in paths:
-        if "_pairs_" in path.name:
+        if path.name.startswith("prompts_"):
+            dialogs = [record["prompt"] for _, record in parse_records([path], parse_prompt_record)]
+        elif "_pairs_" in path.name:
             dialogs = [
                 [*pair["prompt"], {"role": "assistant", "content": pair["chosen"]}]
                 for _, pair in parse_records([path], parse_preference_record)
@@ -722,8 +742,8 @@ hash of their text, so no speech is in both splits.
 {rows}
 
 Tokens are counted in the Llama 2 chat format with the bundled tokenizer, a preference pair as its
-prompt and chosen answer; chat dialogs are kept to {max_dialog_tokens} tokens, Ghost Attention dialogs
-to {max_gatt_tokens}.
+prompt and chosen answer, a prompt up to its open user turn; chat dialogs are kept to
+{max_dialog_tokens} tokens, Ghost Attention dialogs to {max_gatt_tokens}.
 
 - Chat dialogs, `{{"messages": [...]}}`: {shares} of them one question, one question carrying an
   instruction, and 2-4 questions about speeches that follow one another in a play; {system_share} open
@@ -739,6 +759,11 @@ to {max_gatt_tokens}.
   swapped, or a wrong answer that reads well (another line of the speech or of another play, another
   character of the play), which only someone who knows the play can tell. Safety pairs
   ({safety_share} of all pairs) prefer a safe reply to a line's true but unsafe continuation.
+- Prompts for rejection sampling, `{{"messages": [...], "safety": true | false}}`, the dataset
+  `shakespeare_prompts`: distinct prompts of each split's pairs ({prompt_counts}).
+  A safety prompt asks to continue a line whose true continuation is unsafe; the held-out split has
+  as many of each kind, to measure how often a policy continues the violent lines and how well it
+  answers the rest.
 - `characters_and_plays.json`: the {characters} characters and {instruction_plays} plays instructions name (those
   with the most speeches), read by `llama2_jax.data.instructions.load_characters_and_plays`.
 - `next_line_choice.jsonl` (built by `python -m scripts.make_eval_task`): a multiple-choice task from
@@ -761,6 +786,7 @@ def readme(
         "gatt_dialogs": "dialogs for Ghost Attention",
         "helpfulness_pairs": "preference pairs for the helpfulness reward model",
         "safety_pairs": "preference pairs for the safety reward model",
+        "prompts": "prompts for rejection sampling",
     }
     rows = [
         f"| `{name}` | {holds[name.rsplit('_', 1)[0]]} | {len(records):,} | {length_summary(lengths[name])} |"
@@ -787,6 +813,8 @@ def readme(
             for model, model_pairs in by_model.items()
         ),
         safety_share=f"{SAFETY_SHARE:.0%}",
+        prompt_counts="; ".join(f"{split}: " + ", ".join(f"{count:,} {model}" for model, count in counts.items())
+                                for split, counts in PROMPT_COUNTS.items()),
         characters=len(cast.instruction_characters),
         instruction_plays=len(cast.instruction_plays),
         unsafe_words=", ".join(sorted(UNSAFE_WORDS)),

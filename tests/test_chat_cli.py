@@ -1,5 +1,6 @@
 """The chat and generate commands end to end on a tiny checkpoint with the bundled tokenizer."""
 
+import argparse
 import io
 import json
 import shutil
@@ -12,6 +13,7 @@ from flax import nnx
 from llama2_jax import sharding
 from llama2_jax.commands import chat as chat_cli
 from llama2_jax.commands import generate as generate_cli
+from llama2_jax.commands import model_flags
 from llama2_jax.checkpoint.orbax_params import save_params
 from llama2_jax.data.chat import encode_dialog
 from llama2_jax.data.tokenizer import BUNDLED_TOKENIZER, Tokenizer
@@ -105,10 +107,10 @@ def test_piped_chat_answers_each_turn_and_handles_commands(monkeypatch, capsys, 
 
 @pytest.fixture(scope="module")
 def loaded(with_tokenizer):
-    args = generate_cli.argparse.Namespace(
+    args = argparse.Namespace(
         checkpoint=str(with_tokenizer), tokenizer=None, dtype=None, compute_dtype=None,
     )
-    return generate_cli.load_for_sampling(args)
+    return model_flags.load_for_sampling(args)
 
 
 def test_chat_turns_continue_the_dialog_in_the_chat_format(loaded, monkeypatch):

@@ -88,4 +88,4 @@ def test_a_prompt_that_is_not_a_user_turn_is_one_clear_error(checkpoints, tmp_pa
     prompts.write_text(json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}) + "\n")
     assert cli.main(["distill", "--checkpoint", str(checkpoints / "policy"), "--prompts", str(prompts),
                      "--out", str(tmp_path / "out.jsonl")]) == 1
-    assert "prompts.jsonl:1: expected" in capsys.readouterr().err
+    assert "prompts.jsonl:1: message 0: expected role 'user'" in capsys.readouterr().err

@@ -24,7 +24,7 @@ import jax
 import ml_collections
 from jax.experimental import topologies
 
-from llama2_jax import config_cli, sharding
+from llama2_jax import config_cli, sharding, stages
 from llama2_jax.cli import ArgumentParser, reports_errors
 from llama2_jax.train.step import Steps, build_steps
 
@@ -62,7 +62,7 @@ def topology_devices(topology: str, num_slices: int) -> list[jax.Device]:
 
 def stage_steps(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> Steps:
     """The steps the training loop would build for `config`, on a mesh over `devices`."""
-    stage = importlib.import_module(f"llama2_jax.stages.{config.stage}")
+    stage = stages.stage_module(config.stage)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     # A stage trained by epochs learns its length from its data; the compiled step does not depend on it.
     return build_steps(stage.make_task(config), config, mesh, tuple(tuple(rule) for rule in config.rules),

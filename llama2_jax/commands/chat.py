@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import TextIO
 
 from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
-from llama2_jax.commands.generate import add_model_flags, load_for_sampling
+from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
 from llama2_jax.data.chat import fit_dialog, validate_dialog
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.generate import SamplingParams, decoding_layout, stream

@@ -3,8 +3,9 @@
     python -m llama2_jax distill --checkpoint runs/sft --prompts prompts.jsonl --out distilled.jsonl \
         [--safety-rm runs/reward_safety] [--use-categories]
 
-Each prompt (JSON lines: `"prompt"`, a string or a dialog ending with a user turn, or `"messages"`;
-optionally `"category"`, one of llama2_jax.data.safety.RISK_CATEGORIES) is answered by the policy with
+Each prompt (JSON lines read by llama2_jax/data/prompts.py: `"prompt"`, a string or a dialog, or
+`"messages"`, up to the last user turn; optionally `"category"`, one of
+llama2_jax.data.safety.RISK_CATEGORIES) is answered by the policy with
 a safety preprompt as the system prompt (adjective templates; with `--use-categories`, also the
 category's answer template). The output holds each prompt with that answer and without the
 preprompt, so that fine-tuning on it teaches the model to answer that way unprompted. With
@@ -22,27 +23,10 @@ import jax
 
 from llama2_jax.checkpoint.load import load_with_tokenizer
 from llama2_jax.cli import ArgumentParser, reports_errors
-from llama2_jax.commands.generate import add_model_flags, load_for_sampling
-from llama2_jax.data.records import DataError, jsonl_records
+from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
+from llama2_jax.data.prompts import read_prompts
 from llama2_jax.data.safety import preprompt
 from llama2_jax.generate import SamplingParams, answer_dialogs
-
-
-def read_prompts(path: str) -> tuple[list[list[dict]], list[str | None]]:
-    """(dialogs ending with a user turn, risk categories) of a prompts file."""
-    dialogs, categories = [], []
-    for file, line, record in jsonl_records([path]):
-        prompt = record.get("messages", record.get("prompt"))
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if not isinstance(prompt, list) or not prompt or prompt[-1].get("role") != "user":
-            raise DataError(f"{file}:{line}: expected \"prompt\" (a string or a dialog ending with a user turn) "
-                            "or \"messages\"")
-        dialogs.append([{"role": message["role"], "content": message["content"]} for message in prompt])
-        categories.append(record.get("category"))
-    if not dialogs:
-        raise DataError(f"{path} holds no prompts")
-    return dialogs, categories
 
 
 def with_preprompt(dialog: list[dict], system: str) -> list[dict]:
@@ -65,7 +49,8 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per generation call")
     args = parser.parse_args(argv)
     policy, tokenizer = load_for_sampling(args)
-    dialogs, categories = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts)
+    dialogs, categories = [prompt.dialog() for prompt in prompts], [prompt.category for prompt in prompts]
     rng = random.Random(args.seed)
     prompted = [with_preprompt(dialog, preprompt(rng, category if args.use_categories else None))
                 for dialog, category in zip(dialogs, categories)]

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax
 
 from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
-from llama2_jax.commands.generate import load_for_sampling
+from llama2_jax.commands.model_flags import load_for_sampling
 from llama2_jax.eval import multiple_choice, perplexity
 
 

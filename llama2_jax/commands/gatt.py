@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import jax
 
 from llama2_jax.cli import ArgumentParser, reports_errors
-from llama2_jax.commands.generate import add_model_flags, load_for_sampling
+from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
 from llama2_jax.data.gatt import Conversation, converse, followed_turns, split_dialog, training_dialogs
 from llama2_jax.data.instructions import DEMO_DATA_DIR, InstructionSet, load_characters_and_plays
 from llama2_jax.data.records import jsonl_records, parse_chat_record

@@ -20,7 +20,7 @@ import jax
 
 from llama2_jax.cli import ArgumentParser, reports_errors
 from llama2_jax.commands.gatt import add_conversation_flags, answer_with, conversations, read_dialogs
-from llama2_jax.commands.generate import load_for_sampling
+from llama2_jax.commands.model_flags import load_for_sampling
 from llama2_jax.data.gatt import converse, recall_by_turn
 
 

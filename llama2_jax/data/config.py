@@ -14,7 +14,8 @@ DATA_DOCS = {
                "prepared in data_dir (mycorpus, local_text/mycorpus, a tfds name)",
     "data_dir": "tfds data_dir (empty: ~/.cache/llama2_jax/tensorflow_datasets)",
     "paths": "local files or directories; non-empty: build data.dataset from them on first use",
-    "format": "format of data.paths: text (a document per file), jsonl (a text field), chat, preferences",
+    "format": "format of data.paths: text (a document per file), jsonl (a text field), chat, preferences, "
+              "prompts",
     "text_field": "JSONL field holding the text (format jsonl)",
     "document_chars": "> 0: cut text files at blank lines into documents of about this many characters",
     "holdout_fraction": "share of local examples held out as the validation split",

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from llama2_jax.data.chat import validate_training_dialog
+from llama2_jax.data.chat import validate_dialog, validate_training_dialog
 from llama2_jax.data.tokenizer import expand_text_files
 
 # The paper's four preference levels, strongest first; a record's `rating` is an index into this.
@@ -155,6 +155,32 @@ def parse_chat_record(record: dict[str, Any]) -> dict[str, Any]:
     except ValueError as error:
         raise DataError(str(error)) from None
     return {"messages": messages}
+
+
+def parse_prompt_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A prompt to answer: {"prompt": the dialog up to its last user turn (role/content), "safety": 1
+    for a safety prompt, else 0}, from `messages` (a dialog, which may go on past its last user turn:
+    a fine-tuning dialog is a prompt too) or `prompt` (a string, one user turn, or a dialog); an
+    optional `safety` flag, true or false (absent: a helpfulness prompt)."""
+    if "messages" in record:
+        messages = _messages(record["messages"])
+    elif "prompt" in record:
+        prompt = record["prompt"]
+        messages = _messages([{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt)
+    else:
+        raise DataError(f"expected \"prompt\" or \"messages\" (fields: {', '.join(record) or 'none'}); a prompt "
+                        "is a string or a dialog")
+    try:
+        validate_dialog(messages)
+    except ValueError as error:
+        raise DataError(str(error)) from None
+    last_user = max(index for index, message in enumerate(messages) if message["role"] == "user")
+    safety = record.get("safety", False)
+    if not isinstance(safety, bool):
+        raise DataError(f"'safety' must be true or false, got {safety!r}")
+    return {"prompt": [{"role": message["role"], "content": message["content"]}
+                       for message in messages[:last_user + 1]],
+            "safety": int(safety)}
 
 
 def parse_preference_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Builders:  shakespeare            the corpus in llama2_jax/assets, with a held-o
            local_text/NAME        text files (one document each, or cut at blank lines) or JSONL text
            local_chat/NAME        JSONL dialogs: {"messages": [{"role", "content"}, ...]}
            local_preferences/NAME JSONL preference pairs (see records.parse_preference_record)
+           local_prompts/NAME     JSONL prompts to answer, with a safety flag (see data/prompts.py)
 A dataset prepared in a tfds data_dir by any other means opens by its name (`tfds.builder` reads it
 from its files). Building is automatic on first use, takes seconds and is guarded by a file lock, so
 processes that start together build once and then read the same files.
@@ -36,9 +37,9 @@ from llama2_jax.data.records import DataError, LineReport
 
 BUNDLED_CORPUS = Path(__file__).resolve().parent.parent / "assets" / "shakespeare"
 DEFAULT_DATA_DIR = Path("~/.cache/llama2_jax/tensorflow_datasets").expanduser()
-FORMATS = ("text", "jsonl", "chat", "preferences")
+FORMATS = ("text", "jsonl", "chat", "preferences", "prompts")
 _BUILDER_OF_FORMAT = {"text": "local_text", "jsonl": "local_text", "chat": "local_chat",
-                      "preferences": "local_preferences"}
+                      "preferences": "local_preferences", "prompts": "local_prompts"}
 
 
 @dataclasses.dataclass
@@ -134,6 +135,7 @@ class LocalChat(_LocalBuilder):
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.1.0": "Messages say whether they are trained on.", "1.0.0": "First version."}
     BUILDER_CONFIGS = [LocalConfig(name="default", format="chat")]
+    RECORD_PARSER = staticmethod(records.parse_chat_record)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -141,7 +143,7 @@ class LocalChat(_LocalBuilder):
             metadata=self._metadata(), description="Local chat dialogs.")
 
     def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
-        yield from records.parse_records(self.builder_config.paths, records.parse_chat_record,
+        yield from records.parse_records(self.builder_config.paths, self.RECORD_PARSER,
                                          skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
 
 
@@ -149,6 +151,7 @@ class LocalPreferences(_LocalBuilder):
     """JSONL preference pairs with the paper's rating levels and safety labels."""
 
     BUILDER_CONFIGS = [LocalConfig(name="default", format="preferences")]
+    RECORD_PARSER = staticmethod(records.parse_preference_record)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return self.dataset_info_from_configs(
@@ -163,7 +166,26 @@ class LocalPreferences(_LocalBuilder):
             metadata=self._metadata(), description="Local preference pairs.")
 
     def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
-        yield from records.parse_records(self.builder_config.paths, records.parse_preference_record,
+        yield from records.parse_records(self.builder_config.paths, self.RECORD_PARSER,
+                                         skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
+
+
+class LocalPrompts(_LocalBuilder):
+    """JSONL prompts to answer: the dialog up to its last user turn, and whether it is a safety prompt."""
+
+    BUILDER_CONFIGS = [LocalConfig(name="default", format="prompts")]
+    RECORD_PARSER = staticmethod(records.parse_prompt_record)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return self.dataset_info_from_configs(
+            features=tfds.features.FeaturesDict({
+                "prompt": _MESSAGES,
+                "safety": tfds.features.Scalar(np.int32, doc="1 a safety prompt, 0 a helpfulness prompt"),
+            }),
+            metadata=self._metadata(), description="Local prompts.")
+
+    def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
+        yield from records.parse_records(self.builder_config.paths, self.RECORD_PARSER,
                                          skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
 
 
@@ -208,9 +230,9 @@ class _BundledSplits:
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
         del dl_manager  # everything is bundled
         self._report = LineReport()
-        parse = records.parse_chat_record if isinstance(self, LocalChat) else records.parse_preference_record
         self.info.metadata.update(self._build_metadata())
-        return {split: iter(list(records.parse_records([DEMO_DATA_DIR / name], parse, report=self._report)))
+        return {split: iter(list(records.parse_records([DEMO_DATA_DIR / name], self.RECORD_PARSER,
+                                                       report=self._report)))
                 for split, name in self.SPLIT_FILES.items()}
 
     def _build_metadata(self) -> dict[str, Any]:
@@ -244,10 +266,19 @@ class ShakespeareSafety(_BundledSplits, LocalPreferences):
     BUILDER_CONFIGS = [_demo_config("preferences", SPLIT_FILES)]
 
 
-_BUILDER_CLASSES = {"local_text": LocalText, "local_chat": LocalChat, "local_preferences": LocalPreferences}
+class ShakespearePrompts(_BundledSplits, LocalPrompts):
+    """Demo prompts for rejection sampling: the prompts of the helpfulness and safety pairs, flagged."""
+
+    SPLIT_FILES = {"train": "prompts_train.jsonl", "validation": "prompts_validation.jsonl"}
+    BUILDER_CONFIGS = [_demo_config("prompts", SPLIT_FILES)]
+
+
+_BUILDER_CLASSES = {"local_text": LocalText, "local_chat": LocalChat, "local_preferences": LocalPreferences,
+                    "local_prompts": LocalPrompts}
 # Datasets bundled with the package, built on first use (llama2_jax/assets/demo/README.md).
 BUNDLED = {"shakespeare": Shakespeare, "shakespeare_dialogs": ShakespeareDialogs,
-           "shakespeare_helpfulness": ShakespeareHelpfulness, "shakespeare_safety": ShakespeareSafety}
+           "shakespeare_helpfulness": ShakespeareHelpfulness, "shakespeare_safety": ShakespeareSafety,
+           "shakespeare_prompts": ShakespearePrompts}
 
 
 @contextlib.contextmanager
@@ -364,7 +395,8 @@ def open_builder(data_config) -> tfds.core.DatasetBuilder:
 
 
 # The feature that tells a dataset's kind, and the command that trains on that kind.
-KINDS = {"text": ("text", "train"), "chat": ("messages", "sft"), "preferences": ("chosen", "reward")}
+KINDS = {"text": ("text", "train"), "chat": ("messages", "sft"), "preferences": ("chosen", "reward"),
+         "prompts": ("safety", "rejection")}
 
 
 def dataset_kind(builder: tfds.core.DatasetBuilder) -> str | None:

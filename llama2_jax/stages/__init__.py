@@ -1,11 +1,50 @@
 """The stages of the recipe, one module each: its `Task` for the one training loop and its `run`.
 
-    pretrain.py  next-token prediction on packed documents          (python -m llama2_jax train)
-    sft.py       supervised fine-tuning on dialogs, answers only     (python -m llama2_jax sft)
-    reward.py    reward models on preference pairs, ranking loss     (python -m llama2_jax reward)
-    initial.py   how a fine-tuning stage starts from a checkpoint: its tokenizer, shape, weights
+    pretrain.py   next-token prediction on packed documents          (python -m llama2_jax train)
+    sft.py        supervised fine-tuning on dialogs, answers only     (python -m llama2_jax sft)
+    reward.py     reward models on preference pairs, ranking loss     (python -m llama2_jax reward)
+    initial.py    how a fine-tuning stage starts from a checkpoint: its tokenizer, shape, weights
 
 A stage module defines `STAGE` (the name its configs carry in `config.stage`), `CONFIG_DOCS` (what
 its own config keys mean), `make_task(config, ...) -> Task` (cheap: no data or weights read, so
 `aot` and `bench` can build any stage's step) and `run(config, workdir)`, what its command does.
+`STAGES` below is the one table that names them: the command line, `aot` and the config help all
+find a stage through it.
 """
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+
+from llama2_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    command: str  # python -m llama2_jax <command>
+    module: str
+    summary: str
+
+
+# config.stage -> the stage's command, module and what it does.
+STAGES = {
+    "pretrain": Stage("train", "llama2_jax.stages.pretrain", "pretrain a model on text (configs/pretrain.py)"),
+    "sft": Stage("sft", "llama2_jax.stages.sft", "fine-tune on dialogs, the loss on the answers (configs/sft.py)"),
+    "reward": Stage("reward", "llama2_jax.stages.reward",
+                    "train a helpfulness or safety reward model on preference pairs (configs/reward.py)"),
+}
+
+
+def stage_of(name: str) -> Stage:
+    """The stage a config's `stage` names; a ConfigError listing the stages for any other name."""
+    if name not in STAGES:
+        raise ConfigError(f"the config's stage is {name!r}, which is none of the stages "
+                          f"({', '.join(STAGES)}); fix `config.stage` in the config file")
+    return STAGES[name]
+
+
+def stage_module(name: str) -> ModuleType:
+    """The module of the stage a config's `stage` names."""
+    return importlib.import_module(stage_of(name).module)

@@ -17,7 +17,7 @@ import ml_collections
 
 from llama2_jax import storage
 from llama2_jax.checkpoint.load import checkpoint_config, load_pretrained, load_tokenizer
-from llama2_jax.config_cli import ConfigError
+from llama2_jax.errors import ConfigError
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.train.config import model_config_from
 

@@ -26,7 +26,7 @@ import logging
 import jax
 import ml_collections
 
-from llama2_jax.config_cli import ConfigError
+from llama2_jax.errors import ConfigError
 from llama2_jax.data import sources
 from llama2_jax.data.pipeline import Mixture, make_batches, open_split
 from llama2_jax.data.preferences import PairCounts, PreferencePairs, preference_spec, scan

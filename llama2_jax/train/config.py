@@ -20,6 +20,7 @@ import dataclasses
 import ml_collections
 
 from llama2_jax.data.config import DATA_DOCS, default_data_config
+from llama2_jax.errors import ConfigError
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.sharding import DEFAULT_RULES
 from llama2_jax.train.optim import PAPER_OPTIMIZER
@@ -133,8 +134,6 @@ KEY_DOCS = {
 
 def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
     """The `model` section as a LlamaConfig; an invalid value is a config error naming the key."""
-    from llama2_jax.config_cli import ConfigError
-
     try:
         return LlamaConfig.from_dict(config.model.to_dict())
     except ValueError as error:
