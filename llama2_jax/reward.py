@@ -1,18 +1,21 @@
-"""Scoring with a reward model: one score in (0, 1) per (prompt, response), as the model was trained.
+"""Scoring with a reward model: one score in (0, 1) per (prompt, response), as the model was trained;
+and the paper's combination of the helpfulness and safety scores.
 
     from llama2_jax import load_pretrained, reward
     from llama2_jax.checkpoint import load_tokenizer
     model = load_pretrained("runs/reward")           # a reward-model workdir or checkpoint
     tokenizer = load_tokenizer("runs/reward")
     reward.score(model, tokenizer, ["Who says 'To be, or not to be'?"], ["HAMLET."])   # one σ(r) per response
+    reward.combine(helpfulness, safety, is_safety)   # the reward rejection sampling and PPO use
 
 A prompt is a string (one user turn) or a dialog ending with a user turn; the response is the
 assistant's answer. Each is encoded exactly as training encodes a pair's response
 (llama2_jax/data/preferences.py): the Llama 2 chat format, right-padded, the oldest exchanges of a
 prompt dropped when it does not fit the model's context. The score is σ of the model's scalar.
+`score_tokens` scores sequences that are token ids already (a policy's prompts and sampled answers,
+in the tokenizer both models share), without decoding and encoding them again.
 
-Sequences are sorted by length and scored in batches on the model's mesh, each batch padded to a
-power-of-two length so that a stream of inputs reuses a few compiled programs.
+Sequences are scored in length-sorted batches on the model's mesh (llama2_jax/length_batches.py).
 """
 
 from __future__ import annotations
@@ -29,9 +32,20 @@ from jax.sharding import Mesh
 from llama2_jax import sharding
 from llama2_jax.data.preferences import SEQUENCE_FIELDS, as_messages, fit_responses, response_row
 from llama2_jax.data.tokenizer import Tokenizer
-from llama2_jax.eval.likelihood import batches_by_length, length_bucket, place_rows
 from llama2_jax.generate import model_mesh, to_host
+from llama2_jax.length_batches import length_bucket, map_batches, place_rows
 from llama2_jax.model.llama import LlamaRewardModel
+
+# Below this safety score an answer counts as unsafe whatever the prompt (the paper's §3.2.2).
+SAFETY_THRESHOLD = 0.15
+
+
+def combine(helpfulness: Any, safety: Any, is_safety: Any, threshold: float = SAFETY_THRESHOLD) -> np.ndarray:
+    """The paper's combined reward R_c (§3.2.2, §3.3.3): the safety score where the prompt is a safety
+    prompt or the safety score is below `threshold`, else the helpfulness score. Element-wise over
+    arrays of scores in (0, 1) and the prompts' safety flags."""
+    helpfulness, safety = np.asarray(helpfulness, np.float32), np.asarray(safety, np.float32)
+    return np.where(np.asarray(is_safety, bool) | (safety < threshold), safety, helpfulness)
 
 
 def response_tokens(tokenizer: Tokenizer, prompts: Sequence[Any], responses: Sequence[str],
@@ -56,30 +70,41 @@ def score(model: LlamaRewardModel, tokenizer: Tokenizer, prompts: Sequence[Any],
           batch_size: int = 32, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> np.ndarray:
     """σ(reward) of each (prompt, response), float32 in (0, 1), in the input order (see the module
     docstring). Every process of a multi-host run must pass the same inputs."""
-    from llama2_jax.metrics import Progress
-
-    if not isinstance(model, LlamaRewardModel):
-        raise ValueError(f"score needs a reward model, not a {type(model).__name__}; load a reward-model "
-                         "checkpoint (python -m llama2_jax reward writes one)")
+    _check_reward_model(model)
     sequences = response_tokens(tokenizer, prompts, responses, model.config.max_seq_len)
+    return score_tokens(model, sequences, batch_size=batch_size, mesh=mesh, rules=rules)
+
+
+def score_tokens(model: LlamaRewardModel, sequences: Sequence[Sequence[int]], *, batch_size: int = 32,
+                 mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES) -> np.ndarray:
+    """σ(reward) of each sequence of token ids (BOS, prompt and answer in the chat format, EOS), float32
+    in (0, 1), in the input order. The model reads each sequence's last token, as in training."""
+    _check_reward_model(model)
+    context = model.config.max_seq_len
+    too_long = [index for index, tokens in enumerate(sequences) if not 0 < len(tokens) <= context]
+    if too_long:
+        raise ValueError(f"sequence(s) {too_long[:10]} are empty or longer than the reward model's context of "
+                         f"{context} tokens; shorten them")
     mesh = mesh or model_mesh(model)
-    rows, batches = batches_by_length([len(tokens) for tokens in sequences], batch_size,
-                                      sharding.batch_shard_count(mesh, rules))
     graphdef, state = nnx.split(model)
-    scores = np.zeros(len(sequences), np.float32)
-    progress = Progress(len(sequences), unit="response")
-    with sharding.logical_context(mesh, rules):
-        for done, indices in enumerate(batches, start=1):
-            batch = _padded_batch([sequences[index] for index in indices], model.config.max_seq_len, rows)
-            placed = place_rows(batch, mesh, rules)
-            scored = _scores(graphdef, state, *(placed[name] for name in SEQUENCE_FIELDS))
-            scores[indices] = to_host(scored)[:len(indices)]
-            progress.update(min(done * rows, len(sequences)))
-    progress.close()
+
+    def run(indices: list[int], rows: int):
+        batch = _padded_batch([sequences[index] for index in indices], context, rows)
+        placed = place_rows(batch, mesh, rules)
+        return (to_host(_scores(graphdef, state, *(placed[name] for name in SEQUENCE_FIELDS))),)
+
+    (scores,) = map_batches([len(tokens) for tokens in sequences], run, dtypes=(np.float32,),
+                            batch_size=batch_size, mesh=mesh, rules=rules, unit="response")
     return scores
 
 
-def _padded_batch(sequences: list[list[int]], context: int, rows: int) -> dict[str, np.ndarray]:
+def _check_reward_model(model) -> None:
+    if not isinstance(model, LlamaRewardModel):
+        raise ValueError(f"scoring needs a reward model, not a {type(model).__name__}; load a reward-model "
+                         "checkpoint (python -m llama2_jax reward writes one)")
+
+
+def _padded_batch(sequences: list[Sequence[int]], context: int, rows: int) -> dict[str, np.ndarray]:
     """`rows` right-padded rows of a power-of-two length at most `context` (rows beyond the
     sequences are all padding)."""
     length = length_bucket(max(map(len, sequences)), context)
