@@ -17,6 +17,7 @@ from tensorboardX.proto import event_pb2
 from configs.reward import get_config
 from llama2_jax import cli, reward, sharding
 from llama2_jax.checkpoint.load import load_pretrained, load_tokenizer
+from llama2_jax.data import sources
 from llama2_jax.data.pipeline import make_batches
 from llama2_jax.data.preferences import CUT, KEPT, PreferencePairs, preference_spec, scan
 from llama2_jax.data.records import DataError, parse_preference_record
@@ -247,14 +248,30 @@ def test_bad_input_is_one_clear_error(pretrained, tmp_path, capsys):
     assert code == 2 and "leaving nothing for data.dataset" in error
     code, error = error_of("--config.reward.margin=medium")
     assert code == 2 and "choose one of none, small, large" in error
+    code, error = error_of("--config.model.dim=64")
+    assert code == 1 and f"{pretrained} does not have the config's shape: dim 128 (config: 64), ffn_dim 352" in error
 
 
-def test_pairs_told_apart_by_their_last_words_are_learnt_and_scored_alike(pretrained, tmp_path):
+class InitialWeightsRead(Exception):
+    """Raised by the initial checkpoint's loader where a run must not read it."""
+
+
+def test_pairs_told_apart_by_their_last_words_are_learnt_and_scored_alike(pretrained, tmp_path, monkeypatch):
+    """The run is stopped halfway and rerun: the rerun resumes from its own checkpoint, with the score
+    head it drew, never from the initial weights and a new head."""
     data = write_pairs(tmp_path / "pairs.jsonl", preference_records(400))
     workdir = tmp_path / "reward"
-    assert cli.main(reward_argv(pretrained, workdir, data, tmp_path, "--config.reward.margin=none",
-                                "--config.train.epochs=0", "--config.train.steps=40", "--config.train.eval_every=40",
-                                "--config.optimizer.peak_lr=1e-3")) == 0
+    argv = reward_argv(pretrained, workdir, data, tmp_path, "--config.reward.margin=none", "--config.train.epochs=0",
+                       "--config.train.steps=40", "--config.train.eval_every=40", "--config.optimizer.peak_lr=1e-3")
+    assert cli.main([*argv, "--config.train.steps=20", "--config.optimizer.decay_steps=40",
+                     "--config.train.eval_every=0"]) == 0
+
+    def initial_weights(*args, **keywords):
+        raise InitialWeightsRead("a rerun read the initial checkpoint's weights")
+
+    monkeypatch.setattr("llama2_jax.stages.initial.load_pretrained", initial_weights)
+    assert cli.main(argv) == 0
+    assert [record["step"] for record in read_metrics(workdir) if "loss" in record] == [10, 20, 30, 40]
     evaluations = [record for record in read_metrics(workdir) if "eval_accuracy" in record]
     assert evaluations[-1]["step"] == 40
     assert evaluations[-1]["eval_accuracy"] >= 0.9
@@ -275,6 +292,30 @@ def test_pairs_told_apart_by_their_last_words_are_learnt_and_scored_alike(pretra
                      "--out", str(tmp_path / "scored.jsonl")]) == 0
     scored = [json.loads(line)["score"] for line in open(tmp_path / "scored.jsonl")]
     np.testing.assert_allclose(scored, chosen, atol=1e-6)
+
+
+class Configured(Exception):
+    """Raised instead of training, with the steps the stage would train for."""
+
+
+def test_steps_are_epochs_of_the_pairs_of_the_dataset_and_of_its_mixture(pretrained, tmp_path, monkeypatch):
+    identical = {"prompt": "Which?", "chosen": "To be.", "rejected": "To be.", "rating": "better"}  # skipped
+    data = write_pairs(tmp_path / "pairs.jsonl", preference_records(27) + [identical] * 3)
+    other = write_pairs(tmp_path / "other.jsonl", preference_records(15, seed=1) + [identical] * 5)
+    sources.build_local_dataset("other_pairs", [other], format="preferences", data_dir=tmp_path / "tfds")
+
+    def train(config, workdir, task):
+        raise Configured(config.train.steps)
+
+    monkeypatch.setattr("llama2_jax.stages.reward.train", train)
+    with pytest.raises(Configured) as configured:
+        cli.main(reward_argv(pretrained, tmp_path / "reward", data, tmp_path, "--config.data.holdout_fraction=0",
+                             "--config.train.eval_every=0", "--config.train.global_batch_size=8",
+                             "--config.train.epochs=2", "--config.reward.mix=(('other_pairs', 0.25),)"))
+    # An epoch is one pass over the 30 pairs of data.dataset, 27 of them usable, while a quarter of all
+    # pairs drawn, 10, come from other_pairs, three quarters of them usable: 34.5 pairs. Two epochs in
+    # batches of 8 take 9 steps (counting the skipped pairs, 10; leaving out the mixture, 7).
+    assert configured.value.args == (9,)
 
 
 def test_histograms_are_written_as_lists(tmp_path):

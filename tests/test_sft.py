@@ -17,7 +17,7 @@ from llama2_jax.data.instructions import Instruction, InstructionSet
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.metrics import read_metrics
 from llama2_jax.model.config import LlamaConfig
-from llama2_jax.model.llama import Llama
+from llama2_jax.model.llama import Llama, LlamaRewardModel
 from llama2_jax.train.losses import weighted_cross_entropy
 
 TOKENIZER = Tokenizer()
@@ -135,8 +135,19 @@ def test_conversations_are_answered_turn_by_turn_with_the_instruction_in_every_t
     assert len(short.answers) == 2
 
 
-def test_the_same_answer_to_random_prompts_is_learnt_to_near_zero_loss(pretrained, tmp_path):
-    """Only possible if the random-word prompts are out of the loss: they cannot be predicted."""
+def sft_argv(pretrained, workdir, path, tmp_path, *extra):
+    return ["sft", "--config=configs/sft.py:tiny", f"--config.init_checkpoint={pretrained}", f"--workdir={workdir}",
+            "--config.data.dataset=same_answer", f"--config.data.paths=('{path}',)", "--config.data.format=chat",
+            f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.seq_len=128", *extra]
+
+
+class InitialWeightsRead(Exception):
+    """Raised by the initial checkpoint's loader where a run must not read it."""
+
+
+def test_the_same_answer_to_random_prompts_is_learnt_to_near_zero_loss(pretrained, tmp_path, monkeypatch):
+    """Only possible if the random-word prompts are out of the loss: they cannot be predicted. The run
+    is stopped halfway and rerun, as after a crash: the rerun resumes from its own checkpoint."""
     rng = random.Random(0)
     words = [line.split()[0] for line in open(TOKENIZER.path.with_suffix(".vocab"), encoding="utf-8")
              if line.split()[0].startswith("\u2581") and len(line.split()[0]) > 3]
@@ -146,17 +157,69 @@ def test_the_same_answer_to_random_prompts_is_learnt_to_near_zero_loss(pretraine
             question = " ".join(rng.choice(words)[1:] for _ in range(rng.randint(5, 20)))
             out.write(json.dumps({"messages": exchange(question, "Now is the winter of our discontent.")}) + "\n")
     workdir = tmp_path / "sft"
-    assert cli.main([
-        "sft", "--config=configs/sft.py:tiny", f"--config.init_checkpoint={pretrained}", f"--workdir={workdir}",
-        "--config.data.dataset=same_answer", f"--config.data.paths=('{path}',)", "--config.data.format=chat",
-        "--config.data.holdout_fraction=0.1", f"--config.data.data_dir={tmp_path / 'tfds'}",
-        "--config.train.seq_len=128", "--config.train.epochs=0", "--config.train.steps=40",
-        "--config.train.eval_every=40", "--config.train.log_every=10", "--config.sft.eval_prompts=2",
-        "--config.optimizer.peak_lr=3e-3", "--config.optimizer.end_lr_fraction=1.0"]) == 0
-    evaluations = [record for record in read_metrics(workdir) if "eval_loss" in record]
+    argv = sft_argv(pretrained, workdir, path, tmp_path, "--config.data.holdout_fraction=0.1",
+                    "--config.train.epochs=0", "--config.train.steps=40", "--config.train.eval_every=40",
+                    "--config.train.log_every=10", "--config.sft.eval_prompts=2", "--config.optimizer.peak_lr=3e-3",
+                    "--config.optimizer.end_lr_fraction=1.0")
+    # The first half, on the 40-step schedule of the whole run.
+    assert cli.main([*argv, "--config.train.steps=20", "--config.optimizer.decay_steps=40",
+                     "--config.train.eval_every=0", "--config.sft.eval_prompts=0"]) == 0
+    with open(workdir / "metrics.jsonl", "a") as metrics:  # a crash after step 30 was logged, before a checkpoint
+        metrics.write(json.dumps({"step": 30, "loss": 99.0}) + "\n")
+
+    def initial_weights(*args, **keywords):
+        raise InitialWeightsRead("a rerun read the initial checkpoint's weights")
+
+    monkeypatch.setattr("llama2_jax.stages.initial.load_pretrained", initial_weights)
+    assert cli.main(argv) == 0
+    records = read_metrics(workdir)
+    assert [(record["step"], record["loss"] < 99) for record in records if "loss" in record] == [
+        (10, True), (20, True), (30, True), (40, True)]
+    evaluations = [record for record in records if "eval_loss" in record]
+    assert [record["step"] for record in evaluations] == [40]
     assert evaluations[-1]["eval_loss"] < 0.05
     answers = [json.loads(line) for line in open(workdir / "answers.jsonl")]
-    assert all(record["answer"] == "Now is the winter of our discontent." for record in answers)
+    assert [record["answer"] for record in answers] == ["Now is the winter of our discontent."] * 2
+
+
+class Configured(Exception):
+    """Raised instead of training, with the steps the stage would train for."""
+
+
+def test_steps_are_epochs_of_the_packed_rows_of_the_training_dialogs(pretrained, tmp_path, monkeypatch):
+    dialog = exchange("Who says 'Alas, poor Yorick'?", "HAMLET, in the graveyard.")
+    assert len(encode_dialog(TOKENIZER, dialog).tokens) - 1 == 34  # three of them fit in a row of 128
+    too_long = exchange("word " * 200, "No.")  # skipped: no piece, no row
+    path = tmp_path / "dialogs.jsonl"
+    path.write_text("".join(json.dumps({"messages": d}) + "\n" for d in [dialog] * 50 + [too_long] * 2))
+
+    def train(config, workdir, task):
+        raise Configured(config.train.steps)
+
+    monkeypatch.setattr("llama2_jax.stages.sft.train", train)
+    with pytest.raises(Configured) as configured:
+        cli.main(sft_argv(pretrained, tmp_path / "sft", path, tmp_path, "--config.train.global_batch_size=8",
+                          "--config.train.epochs=2", "--config.train.eval_every=0", "--config.sft.eval_prompts=0"))
+    # 50 dialogs, three a row: 17 rows an epoch (by tokens alone, 50 x 34 / 128, they would fill 14),
+    # and two epochs of 17 rows in batches of 8 take 5 steps.
+    assert configured.value.args == (5,)
+
+
+def test_an_initial_checkpoint_of_another_kind_or_shape_is_one_clear_error(pretrained, tmp_path, capsys):
+    from llama2_jax.checkpoint.convert import export_model
+
+    reward_model = tmp_path / "reward_model"
+    export_model(LlamaRewardModel(LlamaConfig.from_preset("tiny", compute_dtype="float32"), rngs=nnx.Rngs(0)),
+                 str(reward_model), "orbax", tokenizer_path=str(TOKENIZER.path))
+    path = gatt_dialogs_file(tmp_path / "dialogs.jsonl")
+    for init, extra, message in ((reward_model, (), f"{reward_model} holds a reward model, not a llama one"),
+                                 (pretrained, ("--config.model.n_layers=2",),
+                                  f"{pretrained} does not have the config's shape: n_layers 4 (config: 2); pick "
+                                  "the config size of that checkpoint or set --config.model.KEY to match")):
+        assert cli.main(sft_argv(init, tmp_path / "sft", path, tmp_path, *extra)) == 1
+        error = capsys.readouterr().err
+        assert error == f"error: {message}\n"
+    assert not (tmp_path / "sft").exists()
 
 
 @pytest.fixture(scope="module")
