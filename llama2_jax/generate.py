@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from llama2_jax import sharding
-from llama2_jax.model import axes
+from llama2_jax.model import axes, llama
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
@@ -87,19 +87,29 @@ def sample_tokens(
     logits: jax.Array, keys: jax.Array, sampling: SamplingParams
 ) -> tuple[jax.Array, jax.Array]:
     """Next tokens [batch] from float32 `logits` [batch, vocab], one key per row, and their model log-probs."""
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logits = logits.astype(jnp.float32)
     if sampling.temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens = first_argmax(logits)
     else:
         tokens = jax.vmap(lambda row, key: _sample_row(row, key, sampling))(logits, keys)
-    chosen = jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
-    return tokens, chosen
+    # log p(token) = logit - logsumexp: two reductions over the vocabulary, no log-softmax written out.
+    chosen = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0]
+    return tokens, chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """`jnp.argmax` over the last axis (the first index of the maximum), as two plain reductions:
+    XLA's CPU backend runs argmax's paired (value, index) reduction several times slower, which
+    shows in every decoding step over a 32k vocabulary."""
+    top = jnp.max(x, axis=-1, keepdims=True)
+    size = x.shape[-1]
+    return jnp.min(jnp.where(x == top, jnp.arange(size, dtype=jnp.int32), size), axis=-1).astype(jnp.int32)
 
 
 def _sample_row(logits: jax.Array, key: jax.Array, sampling: SamplingParams) -> jax.Array:
     scaled = logits.astype(jnp.float32) / sampling.temperature
     if sampling.top_k == 0 and sampling.top_p == 1:
-        return jax.random.categorical(key, scaled).astype(jnp.int32)
+        return _categorical(key, scaled)
     # Candidates sorted by probability: the top k, or the whole vocabulary for top-p alone.
     count = min(sampling.top_k or scaled.shape[-1], scaled.shape[-1])
     candidate_logits, candidate_ids = jax.lax.top_k(scaled, count)
@@ -108,8 +118,13 @@ def _sample_row(logits: jax.Array, key: jax.Array, sampling: SamplingParams) -> 
         probs = jax.nn.softmax(candidate_logits)
         mass_before = jnp.cumsum(probs) - probs
         candidate_logits = jnp.where(mass_before > sampling.top_p, -jnp.inf, candidate_logits)
-    choice = jax.random.categorical(key, candidate_logits)
-    return candidate_ids[choice].astype(jnp.int32)
+    return candidate_ids[_categorical(key, candidate_logits)].astype(jnp.int32)
+
+
+def _categorical(key: jax.Array, logits: jax.Array) -> jax.Array:
+    """`jax.random.categorical(key, logits)` (the same Gumbel noise, so the same draw) with
+    `first_argmax`."""
+    return first_argmax(logits + jax.random.gumbel(key, logits.shape, logits.dtype))
 
 
 # ---- the decoding layout -------------------------------------------------------------------------
@@ -126,14 +141,17 @@ def model_mesh(model: nnx.Module) -> Mesh:
 def decoding_layout(
     model: nnx.Module, mesh: Mesh | None = None, rules=sharding.DEFAULT_RULES
 ) -> tuple[nnx.GraphDef, nnx.State]:
-    """A copy of the model's state for sampling: no fsdp sharding, matmul weights in the compute dtype.
+    """A copy of the model's state for sampling: layers unstacked, no fsdp sharding, matmul weights
+    in the compute dtype.
 
+    Decoding runs the layers one after another (`llama.unstack_layers`), so each layer's weights
+    are an array of their own rather than a slice of the stacked ones copied out on every token.
     The model casts every weight except the norm scales to its compute dtype where it is used, so
-    casting them once here changes no result while halving what each decoding step reads.
+    casting them once here changes no result while halving what each decoding step reads. The copy
+    is made by one compiled program straight into its shardings: no intermediate full copy.
     """
     mesh = mesh or model_mesh(model)
     graphdef, state = nnx.split(model)
-    shardings = sharding.state_shardings(state, mesh, sharding.generation_rules(rules))
     compute_dtype = jnp.dtype(model.config.compute_dtype)
 
     def cast(variable):
@@ -141,8 +159,13 @@ def decoding_layout(
             return variable
         return variable.replace(variable[...].astype(compute_dtype))
 
-    cast_state = jax.tree.map(cast, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return graphdef, jax.device_put(cast_state, shardings)
+    def unstacked_state(state):
+        _, decoding_state = nnx.split(llama.unstack_layers(nnx.merge(graphdef, state)))
+        return jax.tree.map(cast, decoding_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    decoding_graphdef, abstract = nnx.split(nnx.eval_shape(lambda: llama.unstack_layers(nnx.merge(graphdef, state))))
+    shardings = sharding.state_shardings(abstract, mesh, sharding.generation_rules(rules))
+    return decoding_graphdef, jax.jit(unstacked_state, out_shardings=shardings)(state)
 
 
 # ---- prompts, buckets and the compiled loop ------------------------------------------------------
@@ -190,22 +213,30 @@ def _row_keys(seed: int, batch: int) -> jax.Array:
     return jax.vmap(lambda row: jax.random.fold_in(jax.random.key(seed), row))(jnp.arange(batch))
 
 
-def _prefill(graphdef, state, tokens, lengths, row_keys, sampling, cache_length):
-    """Runs the left-padded prompts and samples each row's first new token."""
+def _prefill(graphdef, state, tokens, lengths, row_keys, sampling, cache_length, samples):
+    """Runs the left-padded prompts once, then gives each of a prompt's `samples` rows (prompt i
+    owns rows i * samples … i * samples + samples - 1) a copy of its cache and its own first token."""
     model = nnx.merge(graphdef, state)
     batch, prompt_slots = tokens.shape
     padding = prompt_slots - lengths
     slots = jnp.arange(prompt_slots)[None, :]
     segment_ids = (slots >= padding[:, None]).astype(jnp.int32)
     positions = jnp.maximum(slots - padding[:, None], 0)
-    cache = model.init_cache(batch, cache_length)
-    kv_names = (None, axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None)
-    cache = cache.replace(keys=axes.constrain(cache.keys, kv_names),
-                          values=axes.constrain(cache.values, kv_names))
-    logits, cache = model.decode(tokens, positions, segment_ids, cache)
+    cache = _constrain_cache(model.init_cache(batch, cache_length))
+    logits, cache = model.prefill(tokens, positions, segment_ids, cache)
+    if samples > 1:
+        cache = _constrain_cache(cache.repeat(samples))
+        logits = jnp.repeat(logits, samples, axis=0)
     keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, 0)
-    token, log_prob = sample_tokens(logits[:, -1], keys, sampling)
+    with jax.named_scope("sampling"):
+        token, log_prob = sample_tokens(logits, keys, sampling)
     return token, log_prob, cache
+
+
+def _constrain_cache(cache: llama.KVCache) -> llama.KVCache:
+    kv_names = (axes.BATCH, axes.ACT_KV_HEADS, axes.LENGTH, None)
+    constrain = lambda buffers: tuple(axes.constrain(buffer, kv_names) for buffer in buffers)  # noqa: E731
+    return cache.replace(keys=constrain(cache.keys), values=constrain(cache.values))
 
 
 def _decode_step(graphdef, state, token, lengths, step, cache, row_keys, sampling):
@@ -215,15 +246,19 @@ def _decode_step(graphdef, state, token, lengths, step, cache, row_keys, samplin
     segment_ids = jnp.ones_like(positions)
     logits, cache = model.decode(token[:, None], positions, segment_ids, cache)
     keys = jax.vmap(jax.random.fold_in, (0, None))(row_keys, step)
-    token, log_prob = sample_tokens(logits[:, 0], keys, sampling)
+    with jax.named_scope("sampling"):
+        token, log_prob = sample_tokens(logits, keys, sampling)
     return token, log_prob, cache
 
 
-def _generate_loop(graphdef, state, tokens, lengths, active, limit, row_keys, *, sampling, eos_id, new_slots):
-    batch, prompt_slots = tokens.shape
+def _generate_loop(graphdef, state, tokens, lengths, active, limit, row_keys, *, sampling, eos_id, new_slots,
+                   samples):
+    prompt_slots = tokens.shape[1]
     token, log_prob, cache = _prefill(
-        graphdef, state, tokens, lengths, row_keys, sampling, prompt_slots + new_slots
+        graphdef, state, tokens, lengths, row_keys, sampling, prompt_slots + new_slots, samples
     )
+    lengths, active = jnp.repeat(lengths, samples), jnp.repeat(active, samples)
+    batch = lengths.shape[0]
 
     def record(carry, token, log_prob):
         step, out_tokens, out_log_probs, out_lengths, done = carry
@@ -259,7 +294,9 @@ def _generate_loop(graphdef, state, tokens, lengths, active, limit, row_keys, *,
     return out_tokens, out_log_probs, out_lengths
 
 
-_compiled_loop = jax.jit(_generate_loop, static_argnums=(0,), static_argnames=("sampling", "eos_id", "new_slots"))
+_compiled_loop = jax.jit(
+    _generate_loop, static_argnums=(0,), static_argnames=("sampling", "eos_id", "new_slots", "samples")
+)
 
 
 # ---- the public entry points ---------------------------------------------------------------------
@@ -302,6 +339,7 @@ def generate(
     mesh: Mesh | None = None,
     rules=sharding.DEFAULT_RULES,
     decoding_state: tuple[nnx.GraphDef, nnx.State] | None = None,
+    samples: int = 1,
 ) -> Generation:
     """Samples up to `max_new_tokens` after each prompt (token ids, BOS included if wanted).
 
@@ -309,22 +347,17 @@ def generate(
     exceed `config.max_seq_len`. Pass `decoding_state` (from `decoding_layout`) to reuse one copy of
     the parameters across calls (chat); otherwise one is made for this call and released after it.
     Every process of a multi-host run must pass the same prompts.
+
+    `samples` K > 1 draws K answers per prompt from one prefill of it (its KV cache copied to K
+    rows): rows `i * K` … `i * K + K - 1` of the result are prompt i's. Row r draws from key
+    `fold_in(seed, r)`, so the result is what the prompts repeated K times in a row would give.
     """
-    prompts = _check_prompts(prompts, model.config.vocab_size)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    mesh = mesh or model_mesh(model)
-    layout = _plan([len(p) for p in prompts], max_new_tokens, model.config.max_seq_len, _batch_shards(mesh, rules))
-    tokens, lengths = _prompt_arrays(prompts, layout)
-    active = np.arange(layout.batch) < len(prompts)
-    graphdef, state = decoding_state or decoding_layout(model, mesh, rules)
-    with sharding.logical_context(mesh, sharding.generation_rules(rules)):
-        tokens, lengths, active = _place(mesh, rules, tokens, lengths, active)
-        out_tokens, out_log_probs, out_lengths = _compiled_loop(
-            graphdef, state, tokens, lengths, active, jnp.int32(layout.limit), _row_keys(seed, layout.batch),
-            sampling=sampling, eos_id=int(eos_id), new_slots=layout.new,
-        )
-    rows, columns = len(prompts), layout.limit
+    arguments, statics, layout = _loop_arguments(
+        model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, sampling=sampling, seed=seed, mesh=mesh,
+        rules=rules, decoding_state=decoding_state, samples=samples)
+    with sharding.logical_context(mesh or model_mesh(model), sharding.generation_rules(rules)):
+        out_tokens, out_log_probs, out_lengths = _compiled_loop(*arguments, **statics)
+    rows, columns = len(prompts) * samples, layout.limit
     return Generation(
         tokens=out_tokens[:rows, :columns],
         log_probs=out_log_probs[:rows, :columns],
@@ -332,7 +365,36 @@ def generate(
     )
 
 
-_compiled_prefill = jax.jit(_prefill, static_argnums=(0, 5, 6))
+def compiled_program(model: nnx.Module, prompts: Sequence[Sequence[int]], **keywords) -> jax.stages.Compiled:
+    """The compiled program `generate(model, prompts, **keywords)` runs: its HLO names the ops that
+    a profile of the call reports (`bench generate` sorts them into matmuls, attention, …)."""
+    arguments, statics, _ = _loop_arguments(model, prompts, **keywords)
+    mesh = keywords.get("mesh") or model_mesh(model)
+    with sharding.logical_context(mesh, sharding.generation_rules(keywords.get("rules", sharding.DEFAULT_RULES))):
+        return _compiled_loop.lower(*arguments, **statics).compile()
+
+
+def _loop_arguments(model, prompts, *, max_new_tokens, eos_id, sampling=SamplingParams(), seed=0, mesh=None,
+                    rules=sharding.DEFAULT_RULES, decoding_state=None, samples=1):
+    """The compiled loop's arguments and static settings for a `generate` call, and its layout."""
+    prompts = _check_prompts(prompts, model.config.vocab_size)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1 (answers per prompt), got {samples}")
+    mesh = mesh or model_mesh(model)
+    layout = _plan([len(p) for p in prompts], max_new_tokens, model.config.max_seq_len, _batch_shards(mesh, rules))
+    tokens, lengths = _prompt_arrays(prompts, layout)
+    active = np.arange(layout.batch) < len(prompts)
+    graphdef, state = decoding_state or decoding_layout(model, mesh, rules)
+    tokens, lengths, active = _place(mesh, rules, tokens, lengths, active)
+    arguments = (graphdef, state, tokens, lengths, active, jnp.int32(layout.limit),
+                 _row_keys(seed, layout.batch * samples))
+    statics = dict(sampling=sampling, eos_id=int(eos_id), new_slots=layout.new, samples=samples)
+    return arguments, statics, layout
+
+
+_compiled_prefill = jax.jit(_prefill, static_argnums=(0, 5, 6, 7))
 _compiled_step = jax.jit(_decode_step, static_argnums=(0, 7), donate_argnums=(5,))
 
 
@@ -365,7 +427,7 @@ def stream(
     with context():
         tokens, lengths = _place(mesh, rules, tokens, lengths)
         cache_length = layout.prompt + layout.new
-        token, _, cache = _compiled_prefill(graphdef, state, tokens, lengths, row_keys, sampling, cache_length)
+        token, _, cache = _compiled_prefill(graphdef, state, tokens, lengths, row_keys, sampling, cache_length, 1)
     for step in range(1, layout.limit + 1):
         value = int(token[0])
         if value == eos_id:
@@ -404,30 +466,34 @@ def complete(
     batch_size: int = 32,
     mesh: Mesh | None = None,
     rules=sharding.DEFAULT_RULES,
+    samples: int = 1,
 ) -> list[Completion]:
     """Completions of many prompts (token ids), in batches of similar length, in the input order.
 
-    Batch k samples with seed `seed + k`; one copy of the weights in the decoding layout serves
-    every batch."""
+    With `samples` K, K completions per prompt from one prefill each: entry `i * K + j` is prompt
+    i's j-th. `batch_size` counts rows (prompts × samples) per call. Batch k samples with seed
+    `seed + k`; one copy of the weights in the decoding layout serves every batch."""
     from llama2_jax.metrics import Progress
 
     mesh = mesh or model_mesh(model)
     decoding_state = decoding_layout(model, mesh, rules)
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
-    results: list[Completion | None] = [None] * len(prompts)
+    prompts_per_batch = max(1, batch_size // samples)
+    results: list[Completion | None] = [None] * (len(prompts) * samples)
     progress = Progress(len(order), unit="prompt")
-    for batch_number, start in enumerate(range(0, len(order), batch_size)):
-        indices = order[start:start + batch_size]
+    for batch_number, start in enumerate(range(0, len(order), prompts_per_batch)):
+        indices = order[start:start + prompts_per_batch]
         output = generate(model, [prompts[i] for i in indices], max_new_tokens=max_new_tokens,
                           eos_id=tokenizer.eos_id, sampling=sampling, seed=seed + batch_number, mesh=mesh,
-                          rules=rules, decoding_state=decoding_state)
+                          rules=rules, decoding_state=decoding_state, samples=samples)
         log_probs = to_host(output.log_probs)
-        for row, (index, tokens) in enumerate(zip(indices, output.token_lists())):
+        for row, tokens in enumerate(output.token_lists()):
             finished = bool(tokens) and tokens[-1] == tokenizer.eos_id
-            results[index] = Completion(
+            prompt_index, sample = divmod(row, samples)
+            results[indices[prompt_index] * samples + sample] = Completion(
                 text=tokenizer.decode(tokens[:-1] if finished else tokens), tokens=tokens,
                 log_probs=[float(value) for value in log_probs[row, :len(tokens)]], finished=finished)
-        progress.update(min(start + batch_size, len(order)))
+        progress.update(min(start + prompts_per_batch, len(order)))
     progress.close()
     return results
 

@@ -125,7 +125,7 @@ def test_decoding_layout_drops_fsdp_and_casts_matmul_weights():
         assert "fsdp" not in jax.tree.leaves(tuple(array.sharding.spec)), name
         expected = jnp.float32 if name.endswith("norm.scale") else jnp.bfloat16
         assert array.dtype == expected, name
-    assert flat["layers.attention.wq"].sharding.spec[2] == "tensor"
+    assert flat["layers.0.attention.wq"].sharding.spec[1] == "tensor"  # layers unstacked for decoding
     assert model.layers.attention.wq[...].sharding.spec[1] == "fsdp"
 
 

@@ -9,7 +9,7 @@ from flax import nnx
 from llama2_jax.model import Llama, LlamaConfig, LlamaRewardModel, param_count
 from llama2_jax.model.attention import check_available, xla_attention
 from llama2_jax.model.config import REMAT_POLICIES, ffn_hidden_dim
-from llama2_jax.model.llama import RMSNorm
+from llama2_jax.model.llama import RMSNorm, unstack_layers
 from llama2_jax.model.rope import apply_rope
 
 PAPER_SIZES = {  # PAPER.md: FFN hidden width and exact parameter counts.
@@ -134,20 +134,25 @@ def test_packed_documents_do_not_see_each_other():
     np.testing.assert_allclose(together[:, 7:], model(jnp.asarray(second)), atol=1e-5)
 
 
-def test_cached_decoding_equals_the_full_forward_pass():
+@pytest.mark.parametrize("unstacked", [False, True], ids=["stacked", "unstacked"])
+def test_cached_decoding_equals_the_full_forward_pass(unstacked):
     model = Llama(TINY.replace(n_kv_heads=2), rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 256)
     full = model(tokens)
-    cache = model.init_cache(2, 16)
+    decoder = unstack_layers(model) if unstacked else model
+    cache = decoder.init_cache(2, 16)
     ones = lambda n: jnp.ones((2, n), jnp.int32)  # noqa: E731
     decode = nnx.jit(lambda model, *args: model.decode(*args))
-    logits, cache = decode(model, tokens[:, :6], jnp.arange(6)[None].repeat(2, 0), ones(6), cache)
-    steps = [logits]
+    prefill = nnx.jit(lambda model, *args: model.prefill(*args))
+    logits, cache = prefill(decoder, tokens[:, :6], jnp.arange(6)[None].repeat(2, 0), ones(6), cache)
+    steps = [logits]  # the prompt's last position only
     for t in range(6, 10):
-        logits, cache = decode(model, tokens[:, t : t + 1], jnp.full((2, 1), t), ones(1), cache)
+        logits, cache = decode(decoder, tokens[:, t : t + 1], jnp.full((2, 1), t), ones(1), cache)
         steps.append(logits)
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
-    assert cache.keys.shape == (2, 2, 16, 2, TINY.head_dim)  # kv heads only
+    np.testing.assert_allclose(jnp.stack(steps, axis=1), full[:, 5:], atol=1e-5)
+    # One buffer per layer, kv heads only, heads before slots.
+    assert len(cache.keys) == TINY.n_layers
+    assert cache.keys[0].shape == (2, 2, 16, TINY.head_dim)
     with pytest.raises(ValueError, match="exceeds the model's context"):
         model.init_cache(1, TINY.max_seq_len + 1)
 

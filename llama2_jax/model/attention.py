@@ -1,9 +1,10 @@
 """Attention kernels behind one signature, chosen by `LlamaConfig.attention`.
 
 All take queries [batch, q_len, heads, head_dim] and keys/values [batch, kv_len, kv_heads,
-head_dim] (grouped-query attention: each kv head serves heads // kv_heads query heads), and
-attend causally by slot: query t sits at slot `q_offset + t`. Segment ids keep packed documents
-apart — a query sees only keys of its own segment — and id 0 marks padding or an empty cache slot.
+head_dim] (grouped-query attention: each kv head serves heads // kv_heads query heads) and attend
+causally by slot. Segment ids keep packed documents apart — a query sees only keys of its own
+segment — and id 0 marks padding or an empty cache slot. Decoding against a KV cache takes
+`cached_attention`: queries at slots `q_offset + t`, the cache in its own heads-major layout.
 """
 
 import jax
@@ -43,17 +44,33 @@ def attention_mask(
     return mask
 
 
-def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset=0):
+def xla_attention(q, k, v, q_segment_ids, kv_segment_ids):
     """Reference implementation: plain einsums, float32 scores and softmax."""
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q.shape[1], k.shape[1])
+    return _grouped_attention(q, k, v, mask, kv_layout="bskd")
+
+
+def cached_attention(q, keys, values, q_segment_ids, kv_segment_ids, q_offset):
+    """Attention of queries [batch, q_len, heads, head_dim] at slots `q_offset`… against a KV cache
+    laid out heads-major, [batch, kv_heads, cache_len, head_dim] (see `KVCache`).
+
+    The reference einsums in the cache's own layout, so neither operand needs a transposing copy:
+    decoding a token is then bound by reading the cache once.
+    """
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q.shape[1], keys.shape[2], q_offset)
+    return _grouped_attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask, kv_layout="bksd")
+
+
+def _grouped_attention(q, k, v, mask, *, kv_layout: str):
+    """Grouped-query attention with float32 scores and softmax; `kv_layout` names the keys' and
+    values' dimensions (b batch, s slot, k kv head, d head dim)."""
     batch, q_len, heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads = k.shape[kv_layout.index("k")]
     grouped_q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", grouped_q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim**-0.5)
-    mask = attention_mask(q_segment_ids, kv_segment_ids, q_len, k.shape[1], q_offset)
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", grouped_q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * (head_dim**-0.5), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = jnp.einsum(f"bkgts,{kv_layout}->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
@@ -119,21 +136,16 @@ def dot_product_attention(
     kv_segment_ids: jax.Array | None,
     *,
     implementation: str,
-    q_offset: jax.Array | int = 0,
 ) -> jax.Array:
-    """Dispatches to the configured kernel.
-
-    Decoding against a KV cache (queries shorter than keys, `q_offset` > 0) always takes the XLA
-    path: one query row against the cache is bound by memory reads, where the fused kernels gain
-    nothing and expect square causal blocks.
-    """
-    decoding = q.shape[1] != k.shape[1]
-    if implementation == "xla" or decoding:
-        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids, q_offset)
+    """Dispatches to the configured kernel (decoding against a KV cache is `cached_attention`)."""
+    if implementation == "xla":
+        return xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
     if implementation == "cudnn":
         return cudnn_attention(q, k, v, q_segment_ids, kv_segment_ids)
     if implementation == "splash":
+        # The kernel's blocks are whole multiples of the TPU's 128 lanes; a shorter prompt
+        # (generation's prefill) is cheap enough for the reference path.
+        if q.shape[1] % 128:
+            return xla_attention(q, k, v, q_segment_ids, kv_segment_ids)
         return splash_attention(q, k, v, q_segment_ids)
     raise ValueError(f"unknown attention implementation {implementation!r}")
-
-

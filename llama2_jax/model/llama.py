@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from llama2_jax.model import axes
-from llama2_jax.model.attention import dot_product_attention
+from llama2_jax.model.attention import cached_attention, dot_product_attention
 from llama2_jax.model.config import REMAT_POLICIES, LlamaConfig
 from llama2_jax.model.rope import apply_rope
 
@@ -62,17 +62,15 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, cfg.rope_theta)
         k = apply_rope(k, positions, cfg.rope_theta)
 
-        if cache is None:
-            keys, values, kv_segment_ids, q_offset = k, v, segment_ids, 0
-        else:
-            cache = cache.write(k, v)
-            keys, values = cache.layer_keys_values()
-            kv_segment_ids, q_offset = cache.segment_ids, cache.index
-
-        out = dot_product_attention(
-            q, keys.astype(q.dtype), values.astype(q.dtype), segment_ids, kv_segment_ids,
-            implementation=cfg.attention, q_offset=q_offset,
-        )
+        # The scopes name these pieces in profiles (`bench generate` sorts a decoding step's time by them).
+        if cache is not None:
+            with jax.named_scope("cache_write"):
+                cache = cache.write(k, v)
+        with jax.named_scope("attention"):
+            if cache is None or cache.prefill:
+                out = dot_product_attention(q, k, v, segment_ids, segment_ids, implementation=cfg.attention)
+            else:
+                out = cached_attention(q, cache.keys, cache.values, segment_ids, cache.segment_ids, cache.index)
         return jnp.einsum("bthk,hkd->btd", out, cast(self.wo)), cache
 
 
@@ -127,45 +125,52 @@ def _whole_length(x: jax.Array) -> jax.Array:
 class KVCache:
     """Keys and values of every layer for decoding, kv heads only.
 
-    `keys`/`values`: [layers, batch, max_length, kv_heads, head_dim]; `segment_ids`: [batch,
-    max_length], 0 for padding and for slots not yet written; `index`: the next slot to write.
+    `keys`/`values`: one array per layer, [batch, kv_heads, max_length, head_dim]: each layer's
+    cache is a buffer of its own, written in place, and heads come before slots so attention reads
+    each head's keys as one contiguous block. (One stacked buffer indexed by a scanned layer, or
+    slots before heads, costs a copy of the layer's cache per decoded token.) `segment_ids`:
+    [batch, max_length], 0 for padding and for slots not yet written; `index`: the next slot.
     """
 
-    keys: jax.Array
-    values: jax.Array
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
     segment_ids: jax.Array
     index: jax.Array
 
     @property
     def max_length(self) -> int:
-        return self.keys.shape[2]
+        return self.keys[0].shape[2]
+
+    def layer(self, layer: int, prefill: bool = False) -> "LayerCache":
+        return LayerCache(self.keys[layer], self.values[layer], self.segment_ids, self.index, prefill)
+
+    def repeat(self, times: int) -> "KVCache":
+        """Each row repeated `times` times in place (row i becomes rows i * times … i * times + times - 1):
+        the cache of one prompt shared by several samples of it."""
+        rows = lambda a: jnp.repeat(a, times, axis=0)  # noqa: E731
+        return self.replace(keys=tuple(map(rows, self.keys)), values=tuple(map(rows, self.values)),
+                            segment_ids=rows(self.segment_ids))
 
 
 @struct.dataclass
 class LayerCache:
-    """The whole stacked cache as one layer sees it while the layers are scanned.
-
-    The stacked arrays travel through the scan as its carry and each layer writes its new keys
-    and values in place; scanning per-layer cache slices in and out instead would copy the whole
-    cache several times per decoded token.
-    """
+    """One layer's keys and values, with the slots' segment ids and the next slot to write;
+    `prefill`: the tokens are a prompt written into an empty cache, attending to themselves alone."""
 
     keys: jax.Array
     values: jax.Array
     segment_ids: jax.Array
     index: jax.Array
-    layer: jax.Array
+    prefill: bool = struct.field(pytree_node=False, default=False)
 
     def write(self, k: jax.Array, v: jax.Array) -> "LayerCache":
-        slot = (self.layer, 0, self.index, 0, 0)
+        """Stores new keys and values [batch, T, kv_heads, head_dim] at slots [index, index + T)."""
+        slot = (0, 0, self.index, 0)
+        heads_major = lambda a, cached: jnp.swapaxes(a, 1, 2).astype(cached.dtype)  # noqa: E731
         return self.replace(
-            keys=jax.lax.dynamic_update_slice(self.keys, k.astype(self.keys.dtype)[None], slot),
-            values=jax.lax.dynamic_update_slice(self.values, v.astype(self.values.dtype)[None], slot),
+            keys=jax.lax.dynamic_update_slice(self.keys, heads_major(k, self.keys), slot),
+            values=jax.lax.dynamic_update_slice(self.values, heads_major(v, self.values), slot),
         )
-
-    def layer_keys_values(self) -> tuple[jax.Array, jax.Array]:
-        take = lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, axis=0, keepdims=False)  # noqa: E731
-        return take(self.keys), take(self.values)
 
 
 class Transformer(nnx.Module):
@@ -198,8 +203,7 @@ class Transformer(nnx.Module):
         """Final-norm hidden states [batch, length, dim] in the compute dtype."""
         positions = _default_positions(tokens, positions)
         x = self._embed(tokens)
-        x, _ = self._run_layers(x, positions, segment_ids)
-        return self.norm(x)
+        return self.norm(self._run_layers(x, positions, segment_ids))
 
     def _embed(self, tokens):
         # A row gather cannot be split over a sharded table without the partitioner replicating
@@ -208,32 +212,59 @@ class Transformer(nnx.Module):
         x = jnp.take(axes.constrain(table, (None, None)), tokens, axis=0)
         return residual_stream(x)
 
-    def _run_layers(self, x, positions, segment_ids, cache: KVCache | None = None):
-        """Scans the stacked blocks; with a cache, returns it with this call's keys and values."""
+    def _run_layers(self, x, positions, segment_ids):
+        """Scans the stacked blocks: one compiled block whatever the depth."""
         graphdef, layer_state = nnx.split(self.layers)
 
-        def one_block(carry, layer):
-            h, stacked_cache = carry
-            state, layer_index = layer
-            layer_cache = None
-            if stacked_cache is not None:
-                layer_cache = LayerCache(*stacked_cache, cache.segment_ids, cache.index, layer_index)
-            h, layer_cache = nnx.merge(graphdef, state)(h, positions, segment_ids, layer_cache)
-            if layer_cache is not None:
-                stacked_cache = (layer_cache.keys, layer_cache.values)
-            return (h, stacked_cache), None
+        def one_block(h, state):
+            h, _ = nnx.merge(graphdef, state)(h, positions, segment_ids)
+            return h, None
 
         policy = REMAT_POLICIES[self.config.remat]
         if policy is not None:
             one_block = jax.checkpoint(
                 one_block, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False
             )
-        stacked = None if cache is None else (cache.keys, cache.values)
-        layer_indices = jnp.arange(self.config.n_layers)
-        (x, stacked), _ = jax.lax.scan(one_block, (x, stacked), (layer_state, layer_indices))
-        if cache is not None:
-            cache = cache.replace(keys=stacked[0], values=stacked[1])
-        return x, cache
+        x, _ = jax.lax.scan(one_block, x, layer_state)
+        return x
+
+    def _decode_layers(self, x, positions, segment_ids, cache: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:
+        """Runs the blocks one after another, each against its own cache buffer.
+
+        Decoding unrolls the layers rather than scanning them: a scan reads each layer's weights
+        and cache through a dynamic index, which copies them on every decoded token. Blocks come
+        from `unstack_layers` (once, before sampling) or are sliced here from the stacked weights.
+        """
+        blocks = self.layers if isinstance(self.layers, nnx.List) else unstacked_blocks(self.layers)
+        keys, values = [], []
+        for layer, block in enumerate(blocks):
+            x, layer_cache = block(x, positions, segment_ids, cache.layer(layer, prefill))
+            keys.append(layer_cache.keys)
+            values.append(layer_cache.values)
+        return x, cache.replace(keys=tuple(keys), values=tuple(values))
+
+
+def unstacked_blocks(layers: Block) -> list[Block]:
+    """The blocks of a stacked `layers` module, each with its own weights and logical axes."""
+    graphdef, state = nnx.split(layers)
+
+    def layer_of(index):
+        def take(variable):
+            names = variable.get_metadata().get("logical_axes")
+            return variable.replace(variable[...][index], logical_axes=names and names[1:])
+
+        return nnx.merge(graphdef, jax.tree.map(take, state, is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+    return [layer_of(index) for index in range(jax.tree.leaves(state)[0].shape[0])]
+
+
+def unstack_layers(model: Transformer) -> Transformer:
+    """A model sharing `model`'s weights whose layers are a list of blocks (`nnx.List`): the form
+    decoding runs fastest in. Only `decode` accepts it; training and scoring scan stacked layers."""
+    graphdef, state = nnx.split(model)
+    unstacked = nnx.merge(graphdef, state)
+    unstacked.layers = nnx.List(unstacked_blocks(unstacked.layers))
+    return unstacked
 
 
 class Llama(Transformer):
@@ -272,14 +303,31 @@ class Llama(Transformer):
                 f"cache of {max_length} tokens exceeds the model's context of {cfg.max_seq_len}; "
                 "shorten the prompt or the number of new tokens"
             )
-        shape = (cfg.n_layers, batch_size, max_length, cfg.n_kv_heads, cfg.head_dim)
+        shape = (batch_size, cfg.n_kv_heads, max_length, cfg.head_dim)
         dtype = dtype or cfg.compute_dtype
         return KVCache(
-            keys=jnp.zeros(shape, dtype),
-            values=jnp.zeros(shape, dtype),
+            keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
+            values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
             segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
             index=jnp.zeros((), jnp.int32),
         )
+
+    def prefill(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        cache: KVCache,
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs prompts `tokens` [batch, T] into an empty cache (slots [0, T)); the last token's logits.
+
+        The prompt attends to itself alone, with the configured attention kernel (cuDNN, splash),
+        rather than to the whole cache, most of which is still empty. Rows of different lengths are
+        left-padded, so the last slot is every row's last token: only its logits [batch, vocab] are
+        computed (each other position would cost a vocabulary-wide matmul). Padding has segment id 0
+        and is never attended by real tokens.
+        """
+        return self._run_cached(tokens, positions, segment_ids, cache, prefill=True)
 
     def decode(
         self,
@@ -288,18 +336,18 @@ class Llama(Transformer):
         segment_ids: jax.Array,
         cache: KVCache,
     ) -> tuple[jax.Array, KVCache]:
-        """Runs `tokens` [batch, T] at cache slots [index, index + T) and returns their logits.
+        """Runs `tokens` [batch, T] (one new token per row, usually) at cache slots [index, index + T),
+        attending to everything cached so far; the logits of the last token [batch, vocab]."""
+        return self._run_cached(tokens, positions, segment_ids, cache, prefill=False)
 
-        Used for the prompt (prefill, T = prompt bucket) and for each new token (T = 1). Rows of
-        different prompt lengths are left-padded: padding has segment id 0 and is never attended.
-        """
+    def _run_cached(self, tokens, positions, segment_ids, cache: KVCache, prefill: bool):
         length = tokens.shape[1]
         cache = cache.replace(
             segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
         )
-        x = self._embed(tokens)
-        x, cache = self._run_layers(x, positions, segment_ids, cache)
-        return self.logits(self.norm(x)), cache.replace(index=cache.index + length)
+        x, cache = self._decode_layers(self._embed(tokens), positions, segment_ids, cache, prefill)
+        last = self.norm(x[:, -1:])
+        return self.logits(last)[:, 0], cache.replace(index=cache.index + length)
 
 
 class LlamaRewardModel(Transformer):
