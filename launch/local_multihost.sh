@@ -15,7 +15,12 @@ if [ $# -eq 0 ]; then
   echo "usage: $0 [PROCESSES] [DEVICES_PER_PROCESS] -- COMMAND..." >&2
   exit 2
 fi
-port=$(( 20000 + RANDOM % 20000 ))
+# The coordinator's port: one the kernel says is free, held until this script exits (reserve_port.py;
+# a port found free and let go could be another job's by the time process 0 binds it).
+if ! read -r port < <(python3 "$(dirname "$0")/reserve_port.py"); then
+  echo "$0: could not reserve a port for the coordinator (python3 launch/reserve_port.py)" >&2
+  exit 1
+fi
 pids=()
 for ((id = 0; id < processes; id++)); do
   JAX_PLATFORMS=cpu \

@@ -8,6 +8,7 @@ import pathlib
 import re
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from llama2_jax.distributed import LayoutError, ProcessLayout, derive_layout, ex
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TPU_POD = REPO / "launch" / "tpu_pod.sh"
 GPU_SLURM = REPO / "launch" / "gpu_slurm.sbatch"
+LOCAL_MULTIHOST = REPO / "launch" / "local_multihost.sh"
 JAX_VERSION = re.search(r"^jax==(\S+)", (REPO / "requirements.txt").read_text(), re.MULTILINE).group(1)
 LABEL = "--labels=created_by=llama2_jax"
 
@@ -492,6 +494,47 @@ def test_slurm_requeues_an_interrupted_run(fake_slurm, tmp_path, srun_status, st
 
 def test_the_script_and_the_package_agree_on_the_resumable_status():
     assert f"RESUMABLE_EXIT_STATUS={distributed.RESUMABLE_EXIT_STATUS}\n" in GPU_SLURM.read_text()
+
+
+# ------------------------------------------------------------------------------------------------
+# launch/local_multihost.sh
+
+# Run by every process of a job: whether the coordinator's port can be bound as another program
+# would bind it (without SO_REUSEPORT), and as process 0's coordinator binds it (gRPC, with it).
+BIND_COORDINATOR_PORT = """\
+import os, socket
+port = int(os.environ["JAX_COORDINATOR_ADDRESS"].rpartition(":")[2])
+def binds(reuse_port):
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuse_port))
+        try:
+            probe.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+print(port, "taken by another program" if binds(False) else "held", "coordinator binds" if binds(True) else "")
+"""
+
+
+def _binds(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("0.0.0.0", port))
+            return True
+        except OSError:
+            return False
+
+
+def test_local_multihost_holds_a_free_port_for_its_coordinator_while_the_job_runs():
+    done = subprocess.run(["bash", str(LOCAL_MULTIHOST), "2", "1", "--", sys.executable, "-c", BIND_COORDINATOR_PORT],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    port = int(done.stdout.split()[2])
+    assert sorted(done.stdout.splitlines()) == [f"[process {index}] {port} held coordinator binds" for index in (0, 1)]
+    deadline = time.monotonic() + 10  # the holder looks for the launcher once a second
+    while not _binds(port):
+        assert time.monotonic() < deadline, f"port {port} is still held after the launcher exited"
+        time.sleep(0.2)
 
 
 # ------------------------------------------------------------------------------------------------
