@@ -1,4 +1,5 @@
-"""A Google Cloud Storage emulator on localhost for tests: `python tests/gcs_emulator.py PORT`.
+"""A Google Cloud Storage emulator on localhost for tests: `python tests/gcs_emulator.py [PORT]`,
+which prints the port it serves on once it does (without PORT, or 0: a free one the kernel picks).
 
 gcp-storage-emulator (pure Python), in memory, with the bucket `bucket`, and two things its
 downloads lack added here:
@@ -11,6 +12,7 @@ downloads lack added here:
 
 import re
 import sys
+import time
 
 from gcp_storage_emulator import server
 from gcp_storage_emulator.exceptions import NotFound
@@ -45,8 +47,16 @@ def serve(port: int) -> None:
         for method, handler in handlers.items():
             if handler is plain_download:
                 handlers[method] = complete_download
-    server.create_server("localhost", port, in_memory=True, default_bucket=BUCKET).run()
+    # The server's own start() waits forever when its thread fails to bind.
+    api = server.create_server("localhost", port, in_memory=True, default_bucket=BUCKET)._api
+    api.start()
+    while not api.is_running.wait(timeout=0.1):
+        if not api.is_alive():
+            sys.exit(f"the emulator could not serve on localhost:{port}")
+    print(api._httpd.server_address[1], flush=True)  # bound and listening
+    while True:
+        time.sleep(60)
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]) if len(sys.argv) > 1 else 0)

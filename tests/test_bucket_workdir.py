@@ -11,11 +11,8 @@ skipped without them.
 
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import jax
@@ -77,25 +74,6 @@ def test_a_local_workdir_is_made_absolute(tmp_path, monkeypatch):
 # --- against the emulator -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("localhost", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_until_serving(port: int, emulator: subprocess.Popen, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if emulator.poll() is not None:
-            raise RuntimeError(f"the GCS emulator exited with status {emulator.returncode}")
-        try:
-            urllib.request.urlopen(f"http://localhost:{port}/", timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"the GCS emulator did not answer on port {port} within {seconds:.0f} s")
-
-
 def emulator_environment(port: int) -> dict[str, str]:
     url = f"http://localhost:{port}"
     return {
@@ -114,11 +92,15 @@ def bucket():
     for module in ("gcsfs", "gcp_storage_emulator"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f'needs {module}: pip install -e ".[gcs]" gcp-storage-emulator')
-    port = _free_port()
-    emulator = subprocess.Popen([sys.executable, str(Path(__file__).parent / "gcs_emulator.py"), str(port)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # On a port the emulator binds itself, one the kernel picks: a port found free and let go here
+    # could be another program's by the time the emulator binds it.
+    emulator = subprocess.Popen([sys.executable, str(Path(__file__).parent / "gcs_emulator.py")],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        _wait_until_serving(port, emulator)
+        serving = emulator.stdout.readline()  # the port, once it serves
+        if not serving.strip().isdigit():
+            raise RuntimeError(f"the GCS emulator exited with status {emulator.wait(timeout=30)} without serving")
+        port = int(serving)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in emulator_environment(port).items():
                 patch.setenv(name, value)
