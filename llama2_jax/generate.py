@@ -2,15 +2,22 @@
 
 A call takes a batch of prompts of different lengths, left-pads them to a common bucket length,
 runs the whole prompt through the model once (prefill), then decodes one token per step inside a
-single `jax.lax.while_loop` until every row has produced EOS or the token limit is reached.
+single `jax.lax.while_loop` until every row has produced EOS or the token limit is reached. With
+`samples` K, a prompt is prefilled once and its KV cache copied to its K rows.
+
+What a decoding step reads, it reads once: each layer has a KV buffer of its own, heads before
+slots, written in place (`llama.KVCache`), and the layers run one after another over weights
+unstacked once into the decoding layout, where a scan over stacked layers would copy a layer's
+cache and weights out on every token. The prefill computes the logits of the last position only.
+`python -m llama2_jax bench generate` shows where a step's time goes on any backend.
 
 Compilation happens once per bucket, not per prompt: the batch, the prompt length and the number of
 new tokens are each rounded up to a power of two (the real limit is a runtime value), so a stream
 of prompts of varying lengths reuses a handful of programs.
 
-Sampling layout: the model's parameters are copied once into a decoding layout — fsdp sharding
-dropped, tensor sharding kept, matmul weights already in the compute dtype — used for the whole call
-and released when it returns. With fsdp-sharded weights every single token would all-gather the
+Sampling layout: the model's parameters are copied once into a decoding layout — layers unstacked,
+fsdp sharding dropped, tensor sharding kept, matmul weights already in the compute dtype — used for
+the whole call and released when it returns. With fsdp-sharded weights every single token would all-gather the
 entire model; the paper reports sampling ~20× slower until it gathered weights once per batch.
 
 Log-probabilities: `log_probs[b, t]` is log p(token | prefix) under the model itself (the raw
