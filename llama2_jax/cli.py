@@ -1,9 +1,9 @@
 """`python -m llama2_jax <command>`: the command table, and how every command reports failure.
 
-A stage of the recipe (pretraining, SFT, the reward models) is a module of `llama2_jax/stages/`
-with a config file in `configs/`; its command is the shared stage runner below, so adding a stage
-is one module, one config file and one line in `stages.STAGES`. Commands that are not stages live in
-`llama2_jax/commands/`, one module each with a `main(argv)`.
+A stage of the recipe (pretraining, SFT, the reward models, rejection sampling) is a module of
+`llama2_jax/stages/` with a config file in `configs/`; its command is the shared stage runner
+below, so adding a stage is one module, one config file and one line in `stages.STAGES`. Commands
+that are not stages live in `llama2_jax/commands/`, one module each with a `main(argv)`.
 
 Exit status: 0 on success, 2 for a usage error (an unknown flag, config key or value), 1 for a
 runtime error (bad data, a missing checkpoint, a model that does not fit), 75 for a stage stopped

@@ -79,6 +79,8 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
         return float(value)
     if isinstance(current, tuple) and isinstance(value, list):
         return tuple(value)
+    if isinstance(current, tuple) and not isinstance(value, tuple):
+        return (value,)  # one value where a key takes several (rejection.temperature=1.2)
     if current is not None and not isinstance(value, type(current)):
         raise ConfigError(
             f"--config.{key}: expected {type(current).__name__}, got {text!r}"

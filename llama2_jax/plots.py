@@ -12,6 +12,8 @@
                           rating level and safety bin and its recall of unsafe answers (one panel),
                           scores and margins (another)
     score_histogram.png   a reward model's last held-out σ(score) histograms, chosen against rejected
+    best_of_k.png         rejection sampling's Figure 7: per round, the mean over prompts of the best
+                          and the median reward among the first k samples, against k
 
 The stage runner draws them when a run ends, interrupted or not; `python -m llama2_jax plot WORKDIR`
 draws them again. Figures are matplotlib `Figure` objects rather than pyplot's, so drawing never
@@ -23,6 +25,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -32,6 +35,8 @@ from llama2_jax import storage
 from llama2_jax.metrics import HISTOGRAM_RANGE, read_metrics
 
 SCORE_HISTOGRAM_FILE = "score_histogram.png"
+BEST_OF_K_FILE = "best_of_k.png"
+BEST_OF_K_METRIC = re.compile(r"best_of_(\d+)_(max|median)")
 # file: (title, y-axis label, {metric: legend label}), drawn when any of its metrics was logged.
 LINE_FIGURES = {
     "loss.png": ("loss", "loss", {"loss": "training", "eval_loss": "held-out"}),
@@ -64,6 +69,8 @@ def draw_run(workdir: str | os.PathLike) -> list[str]:
     if histogram_record is not None:
         written.append(score_histograms(workdir / SCORE_HISTOGRAM_FILE, histogram_record,
                                         dataset=_dataset_name(workdir)))
+    if any(BEST_OF_K_METRIC.fullmatch(name) for record in records for name in record):
+        written.append(best_of_k(workdir / BEST_OF_K_FILE, records))
     return written
 
 
@@ -71,7 +78,7 @@ def run_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     path = storage.as_path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist, so there is nothing to draw; give the --workdir of a "
-                                "train, sft or reward run (they log their metrics there)")
+                                "train, sft, reward or rejection run (they log their metrics there)")
     return read_metrics(workdir)
 
 
@@ -119,6 +126,33 @@ def score_histograms(path: str | os.PathLike, record: Mapping[str, Any], *, data
     pairs = f"held-out pairs of {dataset}" if dataset else "held-out pairs"
     histograms(path, amounts, title=f"{pairs} at step {record['step']}", xlabel="score σ(r)",
                ylabel="share of pairs")
+    return os.fspath(path)
+
+
+def best_of_k(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> str:
+    """Rejection sampling's curves, a pair per round (`step`): the mean over prompts of the best
+    reward among the first k samples (solid) and of their median (dashed), against k; the path written."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    axis = figure.subplots()
+    for record in records:
+        curves: dict[str, dict[int, float]] = {"max": {}, "median": {}}
+        for name, value in record.items():
+            if match := BEST_OF_K_METRIC.fullmatch(name):
+                curves[match.group(2)][int(match.group(1))] = value
+        if not curves["max"]:
+            continue
+        ks = sorted(curves["max"])
+        line, = axis.plot(ks, [curves["max"][k] for k in ks], marker="o", label=f"round {record['step']}: best of k")
+        axis.plot(ks, [curves["median"][k] for k in ks], marker="o", linestyle="--", color=line.get_color(),
+                  label=f"round {record['step']}: median of k")
+    axis.set_xscale("log", base=2)
+    axis.set(title="reward of the best and the median of k samples, mean over prompts", xlabel="k (samples per prompt)",
+             ylabel="reward")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize="small")
+    _save(figure, path)
     return os.fspath(path)
 
 

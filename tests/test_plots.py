@@ -93,7 +93,7 @@ def test_plot_command_draws_and_names_the_missing_metrics_and_the_fix(tmp_path, 
     assert cli.main(["plot", str(missing)]) == 1
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and str(missing / "metrics.jsonl") in error
-    assert "give the --workdir of a train, sft or reward run" in error
+    assert "give the --workdir of a train, sft, reward or rejection run" in error
 
     assert cli.main(["plot", str(write_metrics(tmp_path / "empty", []))]) == 1
     assert "holds no metrics yet" in capsys.readouterr().err

@@ -19,7 +19,7 @@ from llama2_jax.cli import ArgumentParser, reports_errors
 @reports_errors
 def main(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog="python -m llama2_jax plot", description=__doc__)
-    parser.add_argument("workdir", help="the --workdir of a train, sft or reward run")
+    parser.add_argument("workdir", help="the --workdir of a train, sft, reward or rejection run")
     args = parser.parse_args(argv)
     written = plots.draw_run(args.workdir)
     if not written:

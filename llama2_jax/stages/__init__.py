@@ -3,6 +3,8 @@
     pretrain.py   next-token prediction on packed documents          (python -m llama2_jax train)
     sft.py        supervised fine-tuning on dialogs, answers only     (python -m llama2_jax sft)
     reward.py     reward models on preference pairs, ranking loss     (python -m llama2_jax reward)
+    rejection.py  rejection-sampling fine-tuning: rounds of sampling, scoring by the reward models,
+                  the best answers pooled and fine-tuned on          (python -m llama2_jax rejection)
     initial.py    how a fine-tuning stage starts from a checkpoint: its tokenizer, shape, weights
 
 A stage module defines `STAGE` (the name its configs carry in `config.stage`), `CONFIG_DOCS` (what
@@ -34,6 +36,9 @@ STAGES = {
     "sft": Stage("sft", "llama2_jax.stages.sft", "fine-tune on dialogs, the loss on the answers (configs/sft.py)"),
     "reward": Stage("reward", "llama2_jax.stages.reward",
                     "train a helpfulness or safety reward model on preference pairs (configs/reward.py)"),
+    "rejection": Stage("rejection", "llama2_jax.stages.rejection",
+                       "fine-tune on the best of K answers by both reward models, over rounds "
+                       "(configs/rejection.py)"),
 }
 
 

@@ -49,12 +49,17 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
 
 def next_token_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None, *, kind: str,
                     pieces: Callable[[Tokenizer, int], Any], default_tokenizer: Callable[[], Tokenizer],
-                    initial_model: Callable | None = None) -> Task:
+                    initial_model: Callable | None = None, train_examples: Any = None) -> Task:
     """Next-token loss over the examples of `config.data` (`kind` "text" or "chat"), each cut into
     pieces of at most seq_len by `pieces(tokenizer, seq_len)` and packed: pretraining, and SFT with
-    pieces that weigh only the answers."""
+    pieces that weigh only the answers. `train_examples` (random access), when given, are trained on
+    instead of the dataset's training split, without held-out evaluation (rejection sampling trains
+    on the answers it selected)."""
     train_config, data = config.train, config.data
     spec = next_token_spec(train_config.seq_len)
+
+    def examples(split: str):
+        return open_split(data, split, kind=kind) if train_examples is None else train_examples
 
     def batches(mesh, rules, split: str, num_epochs: int | None):
         split_tokenizer = tokenizer or default_tokenizer()
@@ -63,8 +68,7 @@ def next_token_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | No
         if kind == "text" and tokenized.is_configured(data):  # packed ahead of time: read by row index
             rows = tokenized.open_rows(data, split, split_tokenizer, train_config.seq_len)
             return make_row_batches(data, rows, spec, **options)
-        return make_batches(data, open_split(data, split, kind=kind), spec,
-                            pieces(split_tokenizer, train_config.seq_len), **options)
+        return make_batches(data, examples(split), spec, pieces(split_tokenizer, train_config.seq_len), **options)
 
     evaluates_tasks = tokenizer is not None and train_config.eval_tasks
     return Task(
@@ -73,7 +77,7 @@ def next_token_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | No
         batch_spec=spec,
         train_batches=lambda mesh, rules: batches(mesh, rules, data.train_split, None),
         eval_batches=((lambda mesh, rules: batches(mesh, rules, data.eval_split, 1))
-                      if train_config.eval_every else None),
+                      if train_config.eval_every and train_examples is None else None),
         initial_model=initial_model,
         model_evals=task_evaluator(train_config.eval_tasks, tokenizer) if evaluates_tasks else None,
         tokenizer_path=str(tokenizer.path) if tokenizer else None,

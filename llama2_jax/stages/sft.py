@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import ml_collections
@@ -42,11 +44,14 @@ CONFIG_DOCS = {
 log = logging.getLogger(__name__)
 
 
-def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> Task:
-    """Answer-only next-token loss over the dialogs of `config.data`, from `config.init_checkpoint`."""
+def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None,
+              dialogs: Sequence[Mapping[str, Any]] | None = None) -> Task:
+    """Answer-only next-token loss over the dialogs of `config.data`, from `config.init_checkpoint`;
+    or over `dialogs` (`{"messages": [...]}` each, random access) when given, without evaluation."""
     return next_token_task(config, tokenizer, kind="chat", pieces=DialogPieces,
                            default_tokenizer=lambda: initial_tokenizer(config),
-                           initial_model=lambda mesh, rules: load_initial_model(config, mesh, rules))
+                           initial_model=lambda mesh, rules: load_initial_model(config, mesh, rules),
+                           train_examples=dialogs)
 
 
 def rows_per_epoch(config: ml_collections.ConfigDict, piece_lengths) -> int:
