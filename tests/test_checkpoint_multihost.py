@@ -4,11 +4,12 @@ step, both restore the step before it, and process 0 alone sets the bad step asi
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
+
+from coordinator_port import reserved_port
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,31 +58,29 @@ else:
 
 
 def _run_two_processes(workdir: pathlib.Path, action: str) -> list[str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(
-        JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-        COORDINATOR=f"127.0.0.1:{port}",
-    )
-    processes = [
-        subprocess.Popen(
-            [sys.executable, "-c", PROCESS, str(workdir), action],
-            cwd=REPO,
-            env={**env, "PROCESS_ID": str(index)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+    with reserved_port() as port:
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+        env.update(
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            COORDINATOR=f"127.0.0.1:{port}",
         )
-        for index in range(2)
-    ]
-    try:  # processes that disagree on the step wait for each other until killed
-        outputs = [process.communicate(timeout=120)[0] for process in processes]
-    finally:
-        for process in processes:
-            process.kill()
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", PROCESS, str(workdir), action],
+                cwd=REPO,
+                env={**env, "PROCESS_ID": str(index)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for index in range(2)
+        ]
+        try:  # processes that disagree on the step wait for each other until killed
+            outputs = [process.communicate(timeout=120)[0] for process in processes]
+        finally:
+            for process in processes:
+                process.kill()
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output[-6000:]
     return outputs
