@@ -148,6 +148,9 @@ def best_of_k(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> 
         axis.plot(ks, [curves["median"][k] for k in ks], marker="o", linestyle="--", color=line.get_color(),
                   label=f"round {record['step']}: median of k")
     axis.set_xscale("log", base=2)
+    ks = sorted({int(match.group(1)) for record in records for name in record
+                 if (match := BEST_OF_K_METRIC.fullmatch(name))})
+    axis.set_xticks(ks, labels=[str(k) for k in ks])
     axis.set(title="reward of the best and the median of k samples, mean over prompts", xlabel="k (samples per prompt)",
              ylabel="reward")
     axis.grid(alpha=0.3)
