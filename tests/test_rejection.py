@@ -230,15 +230,22 @@ def test_bad_input_is_one_clear_error(models, tmp_path, capsys):
     assert not (tmp_path / "run" / "round_1").exists()  # nothing started
 
 
-def test_a_round_of_empty_answers_is_refused_and_prompts_too_long_are_counted(models, tmp_path, monkeypatch,
-                                                                             capsys):
+def test_a_larger_policy_samples_when_given_and_a_round_of_empty_answers_is_refused(models, tmp_path, monkeypatch,
+                                                                                   capsys):
+    larger = LlamaConfig.from_preset("tiny", compute_dtype="float32", n_layers=3)
+    export_model(Llama(larger, rngs=nnx.Rngs(3)), str(tmp_path / "larger"), "orbax", tokenizer_path=str(TOKENIZER.path))
+    sampled_by = []
+
     def at_once_eos(policy, prompt_tokens, *, samples, eos_id, **kwargs):
+        sampled_by.append(policy.config.n_layers)
         answers = [Answer(prompt, sample, (eos_id,), True) for prompt in range(len(prompt_tokens))
                    for sample in range(samples)]
         return answers, 1.0, False
 
     monkeypatch.setattr(rejection, "sample_answers", at_once_eos)
-    assert cli.main(argv(models, tmp_path / "run", "--config.rejection.eval_prompts=0")) == 1
+    assert cli.main(argv(models, tmp_path / "run", "--config.rejection.eval_prompts=0",
+                         f"--config.rejection.sample_from={tmp_path / 'larger'}")) == 1
     captured = capsys.readouterr()
+    assert sampled_by == [3]  # the policy trained here has 2 layers
     assert "training prompts: 8 of 9 (1 too long to answer in the context, skipped)" in captured.out
     assert "round 1: all 24 answers are empty" in captured.err and captured.err.count("\n") == 1
