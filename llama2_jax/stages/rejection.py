@@ -336,8 +336,7 @@ class _Run:
                f"{config.train.steps} steps")
         start = time.perf_counter()
         result = train(config, os.fspath(directory), make_task(config, self.tokenizer, dialogs))
-        phases = files.read_phases(self.workdir, number)
-        files.set_phase_seconds(self.workdir, number, "train", phases.get("train", 0.0) + time.perf_counter() - start)
+        files.set_phase_seconds(self.workdir, number, "train", time.perf_counter() - start, add=True)
         if result.interrupted:
             return None
         return result.model
@@ -411,8 +410,9 @@ class _Run:
         return self.stop.should_stop(self.stop_checks)
 
     def log(self, writer: metrics_lib.MetricsWriter, number: int, logged: set[int], pool: dict) -> None:
-        """Round `number`'s metrics, unless an earlier run logged them."""
-        if number in logged or (number == 0 and not self.held_out):
+        """Round `number`'s metrics, unless an earlier run logged them; only process 0 writes them, so
+        only it reads the round's files back (the others may not see them yet)."""
+        if jax.process_index() != 0 or number in logged or (number == 0 and not self.held_out):
             return
         values: dict[str, float] = {}
         if number > 0:

@@ -98,8 +98,14 @@ def read_phases(workdir: str | os.PathLike, round_number: int) -> dict[str, floa
     return read_json(path, f"round {round_number}'s phase times") if path.exists() else {}
 
 
-def set_phase_seconds(workdir: str | os.PathLike, round_number: int, phase: str, seconds: float) -> None:
-    write_json(phases_path(workdir, round_number), {**read_phases(workdir, round_number), phase: seconds})
+def set_phase_seconds(workdir: str | os.PathLike, round_number: int, phase: str, seconds: float,
+                      add: bool = False) -> None:
+    """Records a phase's seconds (`add`: to those earlier runs spent in it, for a phase that resumes
+    where it stopped)."""
+    if jax.process_index() == 0:
+        phases = read_phases(workdir, round_number)
+        write_json(phases_path(workdir, round_number),
+                   {**phases, phase: seconds + (phases.get(phase, 0.0) if add else 0.0)})
 
 
 def exported_round(workdir: str | os.PathLike) -> int | None:
