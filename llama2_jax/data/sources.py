@@ -12,7 +12,6 @@ processes that start together build once and then read the same files.
 
 from __future__ import annotations
 
-import abc
 
 import contextlib
 import dataclasses
@@ -96,9 +95,11 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {"paths": list(config.paths), "format": config.format, "text_field": config.text_field,
                 "inputs": inputs_stamp(config.paths), "skipped_lines": self._report.total_skipped}
 
-    @abc.abstractmethod
     def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
-        """(key, example) pairs of this builder's format, bad lines counted in `report`."""
+        """(key, example) pairs of this builder's format, bad lines counted in `report`: one record
+        per JSONL line through the builder's `RECORD_PARSER`, unless the builder reads otherwise."""
+        yield from records.parse_records(self.builder_config.paths, self.RECORD_PARSER,
+                                         skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
 
 
 class LocalText(_LocalBuilder):
@@ -142,10 +143,6 @@ class LocalChat(_LocalBuilder):
             features=tfds.features.FeaturesDict({"messages": _TRAINING_MESSAGES}),
             metadata=self._metadata(), description="Local chat dialogs.")
 
-    def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
-        yield from records.parse_records(self.builder_config.paths, self.RECORD_PARSER,
-                                         skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
-
 
 class LocalPreferences(_LocalBuilder):
     """JSONL preference pairs with the paper's rating levels and safety labels."""
@@ -165,10 +162,6 @@ class LocalPreferences(_LocalBuilder):
             }),
             metadata=self._metadata(), description="Local preference pairs.")
 
-    def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
-        yield from records.parse_records(self.builder_config.paths, self.RECORD_PARSER,
-                                         skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
-
 
 class LocalPrompts(_LocalBuilder):
     """JSONL prompts to answer: the dialog up to its last user turn, and whether it is a safety prompt."""
@@ -183,10 +176,6 @@ class LocalPrompts(_LocalBuilder):
                 "safety": tfds.features.Scalar(np.int32, doc="1 a safety prompt, 0 a helpfulness prompt"),
             }),
             metadata=self._metadata(), description="Local prompts.")
-
-    def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
-        yield from records.parse_records(self.builder_config.paths, self.RECORD_PARSER,
-                                         skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
 
 
 def inputs_stamp(paths: Sequence[str]) -> str:
