@@ -81,7 +81,7 @@ def reports_errors(main: Callable[[Sequence[str]], int | None]) -> Callable[[Seq
             return 130
         except (UsageError, ConfigError) as error:
             code, message = 2, one_line(error)
-        except (ValueError, OSError, RuntimeError) as error:
+        except (ValueError, OSError, RuntimeError, FloatingPointError) as error:
             if os.environ.get("LLAMA2_JAX_TRACEBACK"):
                 raise
             code, message = 1, one_line(error)

@@ -74,6 +74,31 @@ def draw_run(workdir: str | os.PathLike) -> list[str]:
     return written
 
 
+# ppo.png: one panel per group of PPO's metrics (llama2_jax/stages/ppo.py), each line when logged.
+PPO_FILE = "ppo.png"
+PPO_PANELS = (
+    ("reward (rollouts; held-out: eval_)", "mean score", ("reward_combined", "reward_helpfulness", "reward_safety",
+                                                          "eval_reward_combined")),
+    ("KL to the reference, per answer", "nats", ("kl_reference", "kl_reference_k3", "eval_kl_reference")),
+    ("losses", "per answer token", ("policy_loss", "value_loss")),
+    ("the update", "share / nats", ("clip_fraction", "value_clip_fraction", "approx_kl", "entropy",
+                                    "safety_share", "eos_rate")),
+    ("answers", "tokens", ("answer_length", "eval_answer_length")),
+    ("time per iteration", "seconds", ("rollout_s", "scoring_s", "train_s")),
+)
+
+
+def ppo_figure(workdir: str | os.PathLike) -> str:
+    """PPO's metrics by step (PPO_PANELS) as ppo.png in `workdir`, the run's training workdir."""
+    series = scalar_series(run_records(workdir))
+    panels = [(title, ylabel, {name: series[name] for name in names if name in series})
+              for title, ylabel, names in PPO_PANELS]
+    panels = [panel for panel in panels if panel[2]]
+    if not panels:
+        raise ValueError(f"{workdir}/metrics.jsonl holds no PPO metrics to draw")
+    return _draw_panels(storage.as_path(workdir) / PPO_FILE, panels)
+
+
 def run_records(workdir: str | os.PathLike) -> list[dict[str, Any]]:
     path = storage.as_path(workdir) / "metrics.jsonl"
     if not path.is_file():

@@ -42,6 +42,7 @@ from jax.experimental import multihost_utils
 
 from llama2_jax import storage
 from llama2_jax.checkpoint import layout
+from llama2_jax.model.llama import TRAINED_KINDS
 
 CHECKPOINTS_SUBDIR = "checkpoints"
 UNREADABLE_SUBDIR = "checkpoints_unreadable"
@@ -319,8 +320,9 @@ def write_run_files(
     model_kind: str = "llama",
 ) -> None:
     """Write config.json, model_config.json (the LlamaConfig fields plus `kind`, the model class's
-    name in llama2_jax.model.llama.MODEL_KINDS) and a copy of the tokenizer into `workdir` (process 0)."""
-    layout.check_kind(model_kind)
+    name in llama2_jax.model.llama.TRAINED_KINDS) and a copy of the tokenizer into `workdir` (process 0)."""
+    if model_kind not in TRAINED_KINDS:
+        raise ValueError(f"unknown model kind {model_kind!r}; known kinds: {sorted(TRAINED_KINDS)}")
     if jax.process_index() != 0:
         return
     directory = storage.as_path(workdir)

@@ -59,6 +59,9 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> tuple[LlamaConfig,
     """The model's config and kind from `model_config.json`."""
     fields = json.loads((storage.as_path(path) / CONFIG_FILE).read_text())
     kind = fields.pop(KIND_KEY, "llama")
+    if kind == "actor_critic":
+        raise ValueError(f"{path} is a PPO run's training workdir (policy and value model trained together); load "
+                         "the PPO workdir above it, which holds the trained policy")
     layout.check_kind(kind)
     return LlamaConfig.from_dict({**fields, **overrides}), kind
 

@@ -386,9 +386,35 @@ class LlamaRewardModel(Transformer):
         kernel = self.score.kernel[...].astype(jnp.float32)
         return (final.astype(jnp.float32) @ kernel)[:, 0]
 
+    def token_scores(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+    ) -> jax.Array:
+        """The score head at every position, float32 [batch, length]: what PPO's value model reads
+        (the value of the text so far). The last real token's entry is `__call__`'s score."""
+        hidden = self.hidden_states(tokens, positions, segment_ids)
+        kernel = self.score.kernel[...].astype(jnp.float32)
+        return (hidden.astype(jnp.float32) @ kernel)[..., 0]
+
+
+class ActorCritic(nnx.Module):
+    """PPO's two trained models as one: the policy (a `Llama`) and the value model (a reward model
+    read at every token). Both have the config's shape; their parameters are the `policy` and `value`
+    subtrees, which the optimizer steps with learning rates of their own."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs | None = None, policy: Llama | None = None,
+                 value: LlamaRewardModel | None = None):
+        self.config = config
+        self.policy = policy if policy is not None else Llama(config, rngs=rngs)
+        self.value = value if value is not None else LlamaRewardModel(config, rngs=rngs)
+
 
 # The model classes a checkpoint can hold, by the name written into it.
 MODEL_KINDS: dict[str, type[Transformer]] = {"llama": Llama, "reward": LlamaRewardModel}
+# The models a stage trains: the checkpoint kinds, and PPO's policy and value model as one.
+TRAINED_KINDS: dict[str, type[nnx.Module]] = {**MODEL_KINDS, "actor_critic": ActorCritic}
 
 
 def model_kind(model_class: type) -> str:

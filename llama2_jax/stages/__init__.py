@@ -5,6 +5,9 @@
     reward.py     reward models on preference pairs, ranking loss     (python -m llama2_jax reward)
     rejection.py  rejection-sampling fine-tuning: rounds of sampling, scoring by the reward models,
                   the best answers pooled and fine-tuned on          (python -m llama2_jax rejection)
+    ppo.py        PPO: rollouts of the current policy scored by both reward models, clipped policy and
+                  value losses, on the one loop with the policy and value model trained together
+                                                                     (python -m llama2_jax ppo)
     initial.py    how a fine-tuning stage starts from a checkpoint: its tokenizer, shape, weights
 
 A stage module defines `STAGE` (the name its configs carry in `config.stage`), `CONFIG_DOCS` (what
@@ -39,6 +42,8 @@ STAGES = {
     "rejection": Stage("rejection", "llama2_jax.stages.rejection",
                        "fine-tune on the best of K answers by both reward models, over rounds "
                        "(configs/rejection.py)"),
+    "ppo": Stage("ppo", "llama2_jax.stages.ppo",
+                 "PPO with both reward models and a KL to the starting policy (configs/ppo.py)"),
 }
 
 

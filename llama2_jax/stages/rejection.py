@@ -161,9 +161,16 @@ def check_models(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> int
     """One clear error unless the reward models are reward models and the sampling policy a language
     model, all with the policy's tokenizer; returns the context every one of them can read."""
     settings = config.rejection
-    models = {"rejection.helpfulness_rm": (settings.helpfulness_rm, "reward"),
-              "rejection.safety_rm": (settings.safety_rm, "reward"),
-              "rejection.sample_from": (settings.sample_from, "llama")}
+    return check_models_of(config, tokenizer, {"rejection.helpfulness_rm": (settings.helpfulness_rm, "reward"),
+                                               "rejection.safety_rm": (settings.safety_rm, "reward"),
+                                               "rejection.sample_from": (settings.sample_from, "llama")},
+                           "rejection.max_new_tokens", settings.max_new_tokens)
+
+
+def check_models_of(config: ml_collections.ConfigDict, tokenizer: Tokenizer, models: Mapping[str, tuple[str, str]],
+                    limit_key: str, max_new_tokens: int) -> int:
+    """`models` (config key -> (path, kind); empty paths skipped) hold models of their kind with the
+    policy's tokenizer, and leave room for a prompt before `max_new_tokens`; the context all can read."""
     context = config.model.max_seq_len
     for key, (path, kind) in models.items():
         if not path:
@@ -177,10 +184,13 @@ def check_models(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> int
             raise ValueError(f"{key} {path} has {'no' if own is None else 'another'} tokenizer.model than the policy "
                              f"{config.init_checkpoint}'s; every model must read the same token ids (train them from "
                              "the same SFT model)")
+        if model_config.vocab_size != config.model.vocab_size:
+            raise ValueError(f"{key} {path} has a vocabulary of {model_config.vocab_size} tokens, the policy "
+                             f"{config.model.vocab_size}; every model must read the same token ids")
         context = min(context, model_config.max_seq_len)
-    if context <= settings.max_new_tokens:
-        raise ConfigError(f"rejection.max_new_tokens {settings.max_new_tokens} leaves no room for a prompt in a "
-                          f"context of {context} tokens (the smallest of the policy's and the models'); lower it")
+    if context <= max_new_tokens:
+        raise ConfigError(f"{limit_key} {max_new_tokens} leaves no room for a prompt in a context of {context} "
+                          "tokens (the smallest of the policy's and the models'); lower it")
     return context
 
 

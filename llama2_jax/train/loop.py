@@ -1,7 +1,8 @@
-"""The one training loop. Pretraining, SFT and the reward models differ only in their `Task`.
+"""The one training loop. Pretraining, SFT, the reward models and PPO differ only in their `Task`.
 
     restore the newest readable checkpoint (any mesh) or initialise
     repeat: next batch -> jitted update step (state donated) -> log / evaluate / checkpoint
+            (an on-policy task makes the batch from the current model: PPO's rollouts)
     at the end, or on SIGTERM or Ctrl-C at a step all processes agree on (stopping.py): checkpoint,
     wait for it, return
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +46,7 @@ class TrainResult:
     metrics: dict[str, float | list[float]]  # the last logged training metrics (lists: histograms)
     eval_metrics: dict[str, float | list[float]]  # the last evaluation's
     interrupted: bool  # stopped by SIGTERM or Ctrl-C before config.train.steps
+    early_stopped: str | None = None  # why the task's early_stop ended the run, if it did
 
     def model(self) -> nnx.Module:
         """The trained model (sharded like the train state)."""
@@ -76,7 +79,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainR
             state, interrupted = run.loop(state, train_batches)
     finally:
         run.close()
-    return TrainResult(state, steps.graphdef, mesh, rules, run.last_metrics, run.last_eval_metrics, interrupted)
+    return TrainResult(state, steps.graphdef, mesh, rules, run.last_metrics, run.last_eval_metrics, interrupted,
+                       run.early_stopped)
 
 
 def _schedule_steps(config: ml_collections.ConfigDict, checkpoints: CheckpointManager, latest: int | None) -> int:
@@ -123,6 +127,9 @@ class _Run:
         self.peak_flops = metrics_lib.peak_flops_per_device(override=self.train_config.peak_flops)
         self.last_metrics: dict[str, float] = {}
         self.last_eval_metrics: dict[str, float] = {}
+        self.batch_metrics: dict[str, float] = {}  # what an on-policy task made since the last log
+        self.making_batches_s = 0.0  # time an on-policy task took to make them, not the steps'
+        self.early_stopped: str | None = None
 
     def loop(self, state: TrainState, train_batches) -> tuple[TrainState, bool]:
         cfg = self.train_config
@@ -131,7 +138,8 @@ class _Run:
         window_start, window_steps = None, 0
         first_step_start = time.perf_counter()
         interrupted = False
-        if step == 0 and cfg.eval_every and self.task.eval_batches:
+        evaluates = self.task.eval_batches or self.task.model_evals
+        if step == 0 and cfg.eval_every and evaluates:
             self._evaluate(step, state)  # where the run starts from: the baseline later evaluations beat
         previous_metrics = None
         with StopRequests() as stop:
@@ -139,7 +147,7 @@ class _Run:
                 if stop.should_stop(step):
                     interrupted = True
                     break
-                state, step_metrics = self.steps.train_step(state, next(train_batches))
+                state, step_metrics = self.steps.train_step(state, self._next_batch(state, train_batches))
                 # At most two steps in flight: the devices still never wait for the host, and a stop
                 # is a step or two of device time away, not as many steps as the host had run ahead.
                 jax.block_until_ready(previous_metrics)
@@ -152,27 +160,52 @@ class _Run:
                     seconds = time.perf_counter() - first_step_start
                     self.progress.log(f"step {step}: compiled and ran the first step in {seconds:.1f} s")
                     self.progress.restart_clock(step)
-                    window_start, window_steps = time.perf_counter(), 0
+                    window_start, window_steps, self.making_batches_s = time.perf_counter(), 0, 0.0
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     jax.block_until_ready(step_metrics)
                     elapsed = time.perf_counter() - window_start
                     self._log(step, step_metrics, elapsed, window_steps)
                     window_start, window_steps = time.perf_counter(), 0
                 evaluation_due = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-                if evaluation_due and self.task.eval_batches:
+                if evaluation_due and evaluates:
                     self._evaluate(step, state)
-                if step % cfg.checkpoint_every == 0:
+                if step % cfg.checkpoint_every == 0 or self.early_stopped:
+                    self._check_finite(step, step_metrics["loss"])
                     self._save(step, state, train_batches)
                     saved_step = step
                 self.progress.update(step, self.last_metrics.get("loss"))
+                if self.early_stopped:
+                    break
             if saved_step != step:
                 self._save(step, state, train_batches)
         self.checkpoints.wait()
         return state, interrupted
 
+    def _check_finite(self, step: int, loss) -> None:
+        """A NaN or infinite loss ends the run before the state that gave it is saved."""
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"the loss is {loss} at step {step}; stopping without saving it (the workdir's newest checkpoint, "
+                f"step {self.checkpoints.latest_step()}, is intact): lower optimizer.peak_lr or check the data, then "
+                "rerun to resume from that checkpoint")
+
+    def _next_batch(self, state: TrainState, train_batches):
+        if not self.task.on_policy:
+            return next(train_batches)
+        start = time.perf_counter()
+        batch, made = train_batches.next_batch(nnx.merge(self.steps.graphdef, state.params))
+        self.batch_metrics.update(made)
+        self.making_batches_s += time.perf_counter() - start
+        return batch
+
     def _log(self, step: int, step_metrics: Metrics, elapsed: float, steps: int) -> None:
         values = metrics_lib.host_values(step_metrics)
         values.pop("weight", None)
+        self._check_finite(step, values["loss"])
+        values.update(self.batch_metrics)
+        self.batch_metrics = {}
+        elapsed, self.making_batches_s = elapsed - self.making_batches_s, 0.0
         if steps > 0 and elapsed > 0:
             values["step_time_s"] = elapsed / steps
             values.update(metrics_lib.throughput(
@@ -185,7 +218,7 @@ class _Run:
 
     def _evaluate(self, step: int, state: TrainState) -> None:
         totals = None
-        batches = self.task.eval_batches(self.steps.mesh, self.steps.rules)
+        batches = self.task.eval_batches(self.steps.mesh, self.steps.rules) if self.task.eval_batches else ()
         limit = self.train_config.eval_steps or None
         for index, batch in enumerate(batches):
             if limit is not None and index >= limit:
@@ -194,16 +227,20 @@ class _Run:
             # can deadlock on a CPU host's simulated devices, which share one small thread pool.
             sums = jax.block_until_ready(self.steps.eval_step(state.params, batch))
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-        if totals is None:
+        if totals is None and self.task.eval_batches:
             log.warning("evaluation at step %d found no batches", step)
             return
-        values = metrics_lib.host_values(normalised_metrics(totals))
+        values = metrics_lib.host_values(normalised_metrics(totals)) if totals is not None else {}
         if self.task.model_evals:
             model = nnx.merge(self.steps.graphdef, state.params)
             values.update(self.task.model_evals(model, self.steps.mesh, self.steps.rules))
         self.last_eval_metrics = values
         self.writer.write(step, values, prefix="eval_")
         self.progress.log(metrics_lib.format_line(f"eval at step {step}", values))
+        if self.task.early_stop and step > 0:
+            self.early_stopped = self.task.early_stop(values)
+            if self.early_stopped:
+                self.progress.log(f"step {step}: stopping early: {self.early_stopped}")
 
     def _save(self, step: int, state: TrainState, train_batches) -> None:
         self.checkpoints.save(step, state, train_batches, self.config.to_dict(), force=True)

@@ -10,8 +10,8 @@ by parameter name rather than rank, because the stacked-layer norm scales `[laye
 arrays that are vectors per layer.
 """
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import optax
@@ -69,27 +69,57 @@ def weight_decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(
-    optimizer_config: Mapping[str, Any], total_steps: int
+    optimizer_config: Mapping[str, Any], total_steps: int, peak_lrs: Mapping[str, float] | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """AdamW with clipping and the warmup + cosine schedule, from the config's `optimizer` section.
 
     Keys used: peak_lr, end_lr_fraction, warmup_steps and warmup_fraction (the warmup is the
     larger of the two), decay_steps (0: `total_steps`), b1, b2, eps, weight_decay, clip_norm.
-    Returns the optimizer and its schedule (the loop logs the learning rate from it).
+    `peak_lrs` (top-level parameter subtree -> peak learning rate) gives each subtree an optimizer
+    of its own, clipped by its own gradient norm (PPO's policy and value model); the parameters then
+    have exactly those subtrees. Returns the optimizer and the schedule of the config's peak_lr
+    (the loop logs the learning rate from it).
     """
     length = optimizer_config["decay_steps"] or total_steps
     warmup_steps = max(optimizer_config["warmup_steps"], round(optimizer_config["warmup_fraction"] * length))
-    schedule = learning_rate_schedule(
-        optimizer_config["peak_lr"], warmup_steps, length, optimizer_config["end_lr_fraction"])
-    optimizer = optax.chain(
-        optax.clip_by_global_norm(optimizer_config["clip_norm"]),
-        optax.adamw(
-            learning_rate=schedule,
-            b1=optimizer_config["b1"],
-            b2=optimizer_config["b2"],
-            eps=optimizer_config["eps"],
-            weight_decay=optimizer_config["weight_decay"],
-            mask=weight_decay_mask,
-        ),
-    )
-    return optimizer, schedule
+
+    def adamw(peak_lr: float) -> tuple[optax.GradientTransformation, optax.Schedule]:
+        schedule = learning_rate_schedule(peak_lr, warmup_steps, length, optimizer_config["end_lr_fraction"])
+        return optax.chain(
+            optax.clip_by_global_norm(optimizer_config["clip_norm"]),
+            optax.adamw(
+                learning_rate=schedule,
+                b1=optimizer_config["b1"],
+                b2=optimizer_config["b2"],
+                eps=optimizer_config["eps"],
+                weight_decay=optimizer_config["weight_decay"],
+                mask=weight_decay_mask,
+            ),
+        ), schedule
+
+    optimizer, schedule = adamw(optimizer_config["peak_lr"])
+    if not peak_lrs:
+        return optimizer, schedule
+    return subtree_optimizers({name: adamw(peak_lr)[0] for name, peak_lr in peak_lrs.items()}), schedule
+
+
+class SubtreeOptimizers(NamedTuple):
+    """An optimizer per top-level parameter subtree: its state is `{subtree: that optimizer's state}`.
+    (optax.multi_transform masks every optimizer over the whole tree, which optax.tree_map_params,
+    and so the train state's shardings, cannot follow.)"""
+
+    init: Callable
+    update: Callable
+    groups: Mapping[str, optax.GradientTransformation]
+
+
+def subtree_optimizers(groups: Mapping[str, optax.GradientTransformation]) -> SubtreeOptimizers:
+    def init(params):
+        return {name: group.init(params[name]) for name, group in groups.items()}
+
+    def update(updates, state, params=None):
+        stepped = {name: group.update(updates[name], state[name], None if params is None else params[name])
+                   for name, group in groups.items()}
+        return {name: new[0] for name, new in stepped.items()}, {name: new[1] for name, new in stepped.items()}
+
+    return SubtreeOptimizers(init, update, dict(groups))

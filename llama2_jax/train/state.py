@@ -17,6 +17,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama2_jax import sharding
+from llama2_jax.train.optim import SubtreeOptimizers
 
 
 @struct.dataclass
@@ -47,13 +48,21 @@ def train_state_shardings(
     params = nnx.to_pure_dict(sharding.state_shardings(abstract_model_state, mesh, rules))
     abstract_opt_state = jax.eval_shape(optimizer.init, _abstract_params(abstract_model_state))
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = optax.tree_map_params(
-        optimizer,
-        lambda _, param_sharding: param_sharding,
-        abstract_opt_state,
-        params,
-        transform_non_params=lambda _: replicated,
-    )
+
+    def where(optimizer, abstract_opt_state, params):
+        return optax.tree_map_params(
+            optimizer,
+            lambda _, param_sharding: param_sharding,
+            abstract_opt_state,
+            params,
+            transform_non_params=lambda _: replicated,
+        )
+
+    if isinstance(optimizer, SubtreeOptimizers):
+        opt_state = {name: where(group, abstract_opt_state[name], params[name])
+                     for name, group in optimizer.groups.items()}
+    else:
+        opt_state = where(optimizer, abstract_opt_state, params)
     return TrainState(step=replicated, params=params, opt_state=opt_state)
 
 

@@ -200,7 +200,7 @@ def build_steps(task: Task, config: ml_collections.ConfigDict, mesh: Mesh, rules
     learning-rate schedule when it is not `config.train.steps` (a resumed run keeps its own)."""
     grad_accum_steps = config.optimizer.grad_accum_steps
     check_batch_layout(config.train.global_batch_size, grad_accum_steps, mesh, rules)
-    optimizer, schedule = optim.make_optimizer(config.optimizer, schedule_steps or config.train.steps)
+    optimizer, schedule = optim.make_optimizer(config.optimizer, schedule_steps or config.train.steps, task.peak_lrs)
     graphdef, abstract_model = sharding.abstract_model(task.model_config, task.model_class)
     sharding.check_platform(task.model_config, mesh)
     sharding.check_fits_mesh(abstract_model, mesh, rules)

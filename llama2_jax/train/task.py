@@ -11,7 +11,7 @@ the train state and the step expect.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from llama2_jax.data.batch import BatchSpec
 from llama2_jax.model.config import LlamaConfig
-from llama2_jax.model.llama import MODEL_KINDS
+from llama2_jax.model.llama import TRAINED_KINDS
 from llama2_jax.train.losses import LossFn
 
 Batch = dict[str, jax.Array]
@@ -39,6 +39,13 @@ class Task:
     checkpoint in the workdir wins over both.
     `model_evals(model, mesh, rules)`: metrics of the whole model at each evaluation, beside the
     loss function's (multiple-choice tasks, say), logged with the `eval_` prefix.
+    `early_stop(eval_metrics)`: after each evaluation, a reason to end the run there, or None.
+
+    An `on_policy` task makes its batches from the model being trained (PPO's rollouts): its
+    `train_batches` iterator has `next_batch(model) -> (batch, metrics)` in place of `next()`, where
+    `metrics` describes what was made for this batch (empty when nothing new was), logged with the
+    step's. `peak_lrs` gives parameter subtrees optimizers with learning rates of their own
+    (llama2_jax.train.optim.make_optimizer).
     """
 
     model_config: LlamaConfig
@@ -48,9 +55,12 @@ class Task:
     eval_batches: Callable[[Mesh, Rules], Iterable[Batch]] | None = None
     initial_model: Callable[[Mesh, Rules], nnx.Module] | None = None
     model_evals: Callable[[nnx.Module, Mesh, Rules], dict[str, float]] | None = None
-    model_kind: str = "llama"  # a key of llama2_jax.model.llama.MODEL_KINDS
+    model_kind: str = "llama"  # a key of llama2_jax.model.llama.TRAINED_KINDS
     tokenizer_path: str | None = None
+    early_stop: Callable[[dict[str, float]], str | None] | None = None
+    on_policy: bool = False
+    peak_lrs: Mapping[str, float] | None = None
 
     @property
     def model_class(self) -> type:
-        return MODEL_KINDS[self.model_kind]
+        return TRAINED_KINDS[self.model_kind]
