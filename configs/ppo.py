@@ -16,8 +16,8 @@ the frozen models in bfloat16.
 
 `tiny` starts from the README's rejection-sampling policy (runs/rejection) and scores with its
 reward models (runs/reward_helpfulness, runs/reward_safety). To show the effect on the bundled demo in
-a few minutes on two CPU cores it trains much faster than the paper: learning rates 2e-5 (policy)
-and 5e-5 (value), 16 iterations of 64 rollouts in mini-batches of 16, β 0.02, answers of up to 48
+a few minutes on two CPU cores it trains much faster than the paper: learning rates 6e-5 (policy)
+and 5e-5 (value), 32 iterations of 64 rollouts in mini-batches of 16, β 0.05, answers of up to 48
 tokens, a penalty of 1 (in whitened units) for an answer cut off before EOS, and the frozen models
 in float32 (bfloat16 is emulated on a CPU). `--help` with this config lists every key.
 """
@@ -27,7 +27,7 @@ import ml_collections
 from llama2_jax.train.config import CPU_SIZES, Schedule, base_config
 
 SCHEDULES = {
-    "tiny": Schedule(peak_lr=2e-5, warmup_steps=0, steps=0, global_batch_size=16, seq_len=128),
+    "tiny": Schedule(peak_lr=6e-5, warmup_steps=0, steps=0, global_batch_size=16, seq_len=128),
     "small": Schedule(peak_lr=1e-5, warmup_steps=0, steps=0, global_batch_size=16, seq_len=256),
     **{size: Schedule(peak_lr=1e-6, warmup_steps=0, steps=0, global_batch_size=64, seq_len=4096)
        for size in ("7b", "13b", "34b", "70b")},
@@ -47,15 +47,15 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.end_lr_fraction = 1.0  # a constant learning rate
     config.model.max_seq_len = max(config.model.max_seq_len, config.train.seq_len)
     config.data.dataset = "shakespeare_prompts" if cpu else "rlhf_prompts"
-    config.train.eval_every = 16 if cpu else 50  # steps: every 4 iterations of tiny
-    config.train.checkpoint_every = 16 if cpu else 50
+    config.train.eval_every = 32 if cpu else 50  # steps: every 8 iterations of tiny
+    config.train.checkpoint_every = 32 if cpu else 50
     config.ppo = ml_collections.ConfigDict(dict(
         helpfulness_rm=helpfulness_rm, safety_rm=safety_rm, value_init="helpfulness_rm",
-        iterations=16 if cpu else 200,
+        iterations=32 if cpu else 200,
         rollouts=64 if cpu else 512,
         epochs=1,
         value_lr=5e-5 if cpu else 1e-6,
-        kl_coef=0.02 if cpu else KL_COEF[size],
+        kl_coef=0.05 if cpu else KL_COEF[size],
         clip=0.2, value_clip=0.2, gamma=1.0, lam=0.95,
         temperature=1.0,
         max_new_tokens=48 if cpu else 1024,

@@ -308,3 +308,17 @@ def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(
 def test_the_value_model_can_start_from_the_policy(models, tmp_path):
     assert cli.main(argv(models, tmp_path, "--config.ppo.value_init=policy", "--config.ppo.iterations=1",
                          "--config.ppo.eval_prompts=0")) == 0
+
+
+def test_early_stopping_on_held_out_kl_and_on_a_reward_that_stopped_rising():
+    from ml_collections import ConfigDict
+
+    from llama2_jax.stages.ppo import early_stop_rule
+
+    assert early_stop_rule(ConfigDict(dict(early_stop_kl=0.0, patience=0))) is None
+    by_kl = early_stop_rule(ConfigDict(dict(early_stop_kl=2.0, patience=0)))
+    assert by_kl({"kl_reference": 1.9, "reward_combined": 0.1}) is None
+    assert "ppo.early_stop_kl" in by_kl({"kl_reference": 2.1, "reward_combined": 0.9})
+    by_reward = early_stop_rule(ConfigDict(dict(early_stop_kl=0.0, patience=2)))
+    verdicts = [by_reward({"kl_reference": 0.0, "reward_combined": value}) for value in (0.5, 0.6, 0.55, 0.7, 0.6, 0.6)]
+    assert verdicts[:5] == [None] * 5 and "ppo.patience" in verdicts[5]

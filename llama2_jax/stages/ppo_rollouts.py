@@ -122,14 +122,14 @@ def _policy_terms(graphdef, state, inputs, targets, positions, segment_ids):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _reference_log_probs(graphdef, state, inputs, targets, positions, segment_ids):
+def token_log_probs(graphdef, state, inputs, targets, positions, segment_ids):
     model = nnx.merge(graphdef, state)
     log_z, target_logit = token_log_partition_and_target(model(inputs, positions=positions, segment_ids=segment_ids),
                                                          targets)
     return target_logit - log_z
 
 
-def _in_chunks(function, graphdef, state, rows: dict[str, np.ndarray], chunk: int, mesh: Mesh, rules) -> list:
+def in_chunks(function, graphdef, state, rows: dict[str, np.ndarray], chunk: int, mesh: Mesh, rules) -> list:
     """`function` over the rows, `chunk` rows at a time on the mesh (the last chunk padded with empty
     rows); its outputs on the host, joined."""
     outputs = []
@@ -166,9 +166,9 @@ def score_rollout(model: nnx.Module, frozen: FrozenModels, prompts: Sequence[Seq
             raise FloatingPointError(f"the {name} reward model gave {np.sum(~np.isfinite(scores))} NaN or infinite "
                                      "scores; check its checkpoint (its training may have diverged)")
     graphdef, state = nnx.split(model)
-    log_probs, values = _in_chunks(_policy_terms, graphdef, state, rows, settings.mini_batch, mesh, rules)
+    log_probs, values = in_chunks(_policy_terms, graphdef, state, rows, settings.mini_batch, mesh, rules)
     reference_graphdef, reference_state = nnx.split(frozen.reference)
-    reference = _in_chunks(_reference_log_probs, reference_graphdef, reference_state, rows, settings.mini_batch,
+    reference = in_chunks(token_log_probs, reference_graphdef, reference_state, rows, settings.mini_batch,
                            mesh, rules)
     if not (np.all(np.isfinite(log_probs)) and np.all(np.isfinite(values)) and np.all(np.isfinite(reference))):
         raise FloatingPointError("the policy, value model or reference gave NaN or infinite log-probs or values on "
