@@ -13,22 +13,22 @@ paper's mix, as shares of the pairs drawn:
 
     helpfulness  meta_helpfulness 0.5, meta_safety 0.25, open_helpfulness 0.125, anthropic_harmless 0.125
     safety       meta_safety 0.45, anthropic_harmless 0.45, meta_helpfulness 0.05, open_helpfulness 0.05
-                 (and pairs with an unsafe chosen and a safe rejected answer dropped)
 
 that is, all helpfulness data plus as much again from the safety and open-source data, and all
-safety data plus Anthropic Harmless mixed 90/10 with helpfulness data. Within each group the paper
-samples in proportion to the datasets' sizes; set the shares to yours. Build each dataset from JSONL
-preference pairs (llama2_jax/data/records.py reads `prompt`/`chosen`/`rejected`/`rating`/
+safety data plus Anthropic Harmless mixed 90/10 with helpfulness data. For both models, pairs with an
+unsafe chosen and a safe rejected answer are dropped from every dataset that carries safety labels
+(`reward.safety_rule`); the safety model adds the binary safe/unsafe loss of A.3.4
+(`reward.safety_aux_weight` 1). Within each group the paper samples in proportion to the
+datasets' sizes; set the shares to yours. Build each dataset from JSONL preference pairs (llama2_jax/data/records.py reads `prompt`/`chosen`/`rejected`/`rating`/
 `chosen_safe`/`rejected_safe`, or Anthropic HH transcripts) with a held-out split:
 
     python -m llama2_jax data build --name meta_helpfulness --format preferences \
         --input helpfulness/*.jsonl --holdout-fraction 0.02
 
 (open_helpfulness: Anthropic Helpful, OpenAI Summarize and WebGPT, StackExchange, SHP, synthetic
-GPT-J pairs). Open-source pairs carry no rating; with a margin they are skipped, so rate them or set
---config.reward.margin=none. `tiny` learns the bundled demo pairs (shakespeare_helpfulness,
-shakespeare_safety, split and mixed the same way) from the model the README's SFT command writes
-(runs/sft) in a few minutes on two CPU cores. `--help` with this config lists every key.
+GPT-J pairs). Open-source pairs carry no rating and train with margin 0. `tiny` learns the bundled
+demo pairs (shakespeare_helpfulness, shakespeare_safety, split and mixed the same way) from the model
+the README's SFT command writes (runs/sft) in a few minutes on two CPU cores. `--help` with this config lists every key.
 """
 
 import ml_collections
@@ -42,16 +42,17 @@ SCHEDULES = {
                       seq_len=4096, epochs=1.0)
        for size in ("7b", "13b", "34b", "70b")},
 }
-# model: (data.dataset, the other datasets and their shares of the pairs drawn, the safety rule).
+# model: (data.dataset, the other datasets and their shares of the pairs drawn, the safety auxiliary
+# loss's weight).
 PAPER_DATA = {
     "helpfulness": ("meta_helpfulness",
-                    (("meta_safety", 0.25), ("open_helpfulness", 0.125), ("anthropic_harmless", 0.125)), False),
+                    (("meta_safety", 0.25), ("open_helpfulness", 0.125), ("anthropic_harmless", 0.125)), 0.0),
     "safety": ("meta_safety",
-               (("anthropic_harmless", 0.45), ("meta_helpfulness", 0.05), ("open_helpfulness", 0.05)), True),
+               (("anthropic_harmless", 0.45), ("meta_helpfulness", 0.05), ("open_helpfulness", 0.05)), 1.0),
 }
 DEMO_DATA = {
-    "helpfulness": ("shakespeare_helpfulness", (("shakespeare_safety", 0.5),), False),
-    "safety": ("shakespeare_safety", (("shakespeare_helpfulness", 0.1),), True),
+    "helpfulness": ("shakespeare_helpfulness", (("shakespeare_safety", 0.5),), 0.0),
+    "safety": ("shakespeare_safety", (("shakespeare_helpfulness", 0.1),), 1.0),
 }
 # The fine-tuning run each CPU size starts from: what `python -m llama2_jax sft` writes for it.
 DEMO_INIT = {"tiny": "runs/sft"}
@@ -69,12 +70,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.optimizer.warmup_fraction = 0.03
     # The reward model's context is what it is trained on, so it scores longer inputs as it was trained to.
     config.model.max_seq_len = config.train.seq_len
-    dataset, mix, safety_rule = (DEMO_DATA if size in CPU_SIZES else PAPER_DATA)[model]
+    dataset, mix, safety_aux_weight = (DEMO_DATA if size in CPU_SIZES else PAPER_DATA)[model]
     config.data.dataset = dataset
     if size in CPU_SIZES:
         config.train.eval_every = 50
         config.train.eval_steps = 0  # the whole held-out split
         config.train.checkpoint_every = 100
     config.reward = ml_collections.ConfigDict(dict(
-        margin="small", centering=0.0, safety_rule=safety_rule, mix=mix))
+        margin="small", centering=0.0, safety_rule=True, safety_aux_weight=safety_aux_weight, mix=mix))
     return config

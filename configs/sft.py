@@ -2,7 +2,8 @@
 `get_config("SIZE,gatt")` for the Ghost Attention round that follows it.
 
     python -m llama2_jax sft --config=configs/sft.py:tiny --workdir=runs/sft
-    python -m llama2_jax gatt --checkpoint runs/sft --out runs/gatt_dialogs.jsonl
+    python -m llama2_jax gatt --checkpoint runs/rejection --reward-models runs/reward_helpfulness \
+        runs/reward_safety --out runs/gatt_dialogs.jsonl
     python -m llama2_jax sft --config=configs/sft.py:tiny,gatt --workdir=runs/gatt
     python -m llama2_jax sft --config=configs/sft.py:7b --config.init_checkpoint=llama-2-7b/ \
         --config.data.dataset=my_dialogs --workdir=/data/runs/sft-7b
@@ -11,9 +12,10 @@ The paper's sizes carry the paper's recipe (docs/recipe.md): from the pretrained
 schedule with peak 2e-5 and weight decay 0.1, batches of 64 sequences of 4096 tokens, 2 epochs, the
 loss on the answers only. The warmup (3 % of the steps, at least 5) is not in the paper. `tiny`
 learns the bundled demo dialogs from the model the README's first command trains (runs/tiny) in a
-few minutes on two CPU cores. The `gatt` round starts from that model (runs/sft) and trains on the
-Ghost Attention dialogs `python -m llama2_jax gatt` writes from it (runs/gatt_dialogs.jsonl), a few
-epochs at a lower rate. `--help` with this config lists every key and what it means.
+few minutes on two CPU cores. The `gatt` round comes, as in the paper, after RLHF: it starts from
+the rejection-sampling policy (runs/rejection) and trains on the Ghost Attention dialogs
+`python -m llama2_jax gatt` samples from it, reranked by both reward models
+(runs/gatt_dialogs.jsonl), a few epochs at a lower rate. `--help` with this config lists every key and what it means.
 """
 
 import ml_collections
@@ -28,8 +30,8 @@ SCHEDULES = {
 }
 # The pretraining run each CPU size starts from: what `python -m llama2_jax train` writes for it.
 DEMO_INIT = {"tiny": "runs/tiny", "small": "runs/small"}
-# The Ghost Attention round: from the fine-tuned model, on what `python -m llama2_jax gatt` wrote.
-GATT_INIT, GATT_DIALOGS = "runs/sft", "runs/gatt_dialogs.jsonl"
+# The Ghost Attention round: from the newest RLHF policy, on what `python -m llama2_jax gatt` wrote from it.
+GATT_INIT, GATT_DIALOGS = "runs/rejection", "runs/gatt_dialogs.jsonl"
 GATT_EPOCHS, GATT_LR_SCALE = 6.0, 0.5
 
 

@@ -98,6 +98,50 @@ def score_tokens(model: LlamaRewardModel, sequences: Sequence[Sequence[int]], *,
     return scores
 
 
+def load_reward_models(paths: Sequence[str], tokenizer: Tokenizer, *, flag: str, mesh: Mesh | None = None,
+                       rules=sharding.DEFAULT_RULES) -> list[LlamaRewardModel]:
+    """The reward models at `paths`, each checked to be a reward model that reads the token ids of
+    `tokenizer` (the policy's): one clear ValueError naming `flag` otherwise."""
+    from llama2_jax.checkpoint.load import load_pretrained, load_tokenizer
+
+    models = []
+    for path in paths:
+        model = load_pretrained(path, mesh=mesh, rules=rules)
+        if not isinstance(model, LlamaRewardModel):
+            raise ValueError(f"{flag} {path} holds a language model; give a reward model (python -m llama2_jax reward "
+                             "writes one)")
+        own = load_tokenizer(path)
+        if own.path.read_bytes() != tokenizer.path.read_bytes() or model.config.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"{flag} {path} reads another vocabulary than the policy (its tokenizer {own.path}, "
+                             f"{model.config.vocab_size} tokens); give reward models trained from the same SFT model")
+        models.append(model)
+    return models
+
+
+def combined_scores(models: Sequence[LlamaRewardModel], tokenizer: Tokenizer, dialogs: Sequence[Any],
+                    responses: Sequence[str], is_safety: Any = None, *, batch_size: int = 32) -> np.ndarray:
+    """`combine`'s reward of each (dialog, response) from a helpfulness model and, when given, a safety
+    model (without one, the helpfulness score). A pair too long for a model's context scores NaN."""
+    is_safety = np.zeros(len(responses), bool) if is_safety is None else np.asarray(is_safety, bool)
+
+    def scores(model) -> np.ndarray:
+        fitted = {}
+        for index, (dialog, response) in enumerate(zip(dialogs, responses)):
+            try:
+                fitted[index] = response_tokens(tokenizer, [dialog], [response], model.config.max_seq_len)[0]
+            except ValueError:
+                continue
+        found = np.full(len(responses), np.nan, np.float32)
+        if fitted:
+            found[list(fitted)] = score_tokens(model, list(fitted.values()), batch_size=batch_size)
+        return found
+
+    helpfulness = scores(models[0])
+    if len(models) == 1:
+        return helpfulness
+    return combine(helpfulness, scores(models[1]), is_safety)
+
+
 def _check_reward_model(model) -> None:
     if not isinstance(model, LlamaRewardModel):
         raise ValueError(f"scoring needs a reward model, not a {type(model).__name__}; load a reward-model "

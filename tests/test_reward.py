@@ -79,19 +79,28 @@ def scored_pairs(model):
     return pairs, [(alone(model, chosen), alone(model, rejected)) for chosen, rejected in pairs]
 
 
-@pytest.mark.parametrize("margin, centering", [("none", 0.0), ("small", 0.0), ("large", 0.0), ("small", 0.05)])
-def test_the_loss_is_the_ranking_loss_computed_by_hand(model, scored_pairs, margin, centering):
+@pytest.mark.parametrize("margin, centering, safety_aux", [
+    ("none", 0.0, 0.0), ("small", 0.0, 0.0), ("large", 0.0, 0.0), ("small", 0.05, 0.0), ("small", 0.0, 0.5)])
+def test_the_loss_is_the_ranking_loss_computed_by_hand(model, scored_pairs, margin, centering, safety_aux):
     pairs, scores = scored_pairs
     ratings, weights = [0, 1, 2, 3, -1, 2], [1, 1, 1, 1, 1, 0]  # an unrated pair and a row of padding
-    loss = make_preference_loss(margin=margin, centering=centering)
-    loss_sum, sums = loss(model, pair_batch(pairs, ratings, weights))
-    expected = 0.0
-    for (r_chosen, r_rejected), rating, weight in zip(scores, ratings, weights):
-        m = PAPER_MARGINS[margin][rating] if rating >= 0 else 0.0
+    # Safety labels (chosen, rejected): 1 safe, 0 unsafe, -1 none (no auxiliary term for that response).
+    safety = [(1, 0), (1, 1), (0, 0), (-1, -1), (1, -1), (0, 1)]
+    loss = make_preference_loss(margin=margin, centering=centering, safety_aux=safety_aux)
+    loss_sum, sums = loss(model, pair_batch(pairs, ratings, weights, safety))
+    expected = auxiliary = 0.0
+    for (r_chosen, r_rejected), rating, weight, labels in zip(scores, ratings, weights, safety):
+        m = PAPER_MARGINS[margin][rating] if rating >= 0 else 0.0  # unrated: margin 0
         ranking = math.log1p(math.exp(-(r_chosen - r_rejected - m)))  # -log σ(x) = log(1 + e^-x)
-        expected += weight * (ranking + centering * (r_chosen + r_rejected) ** 2)
+        # Binary cross-entropy of σ(r) against the label: -log σ(r) if safe, -log(1 - σ(r)) = -log σ(-r) if not.
+        cross_entropy = sum(math.log1p(math.exp(-r if safe else r)) for r, safe in zip((r_chosen, r_rejected), labels)
+                            if safe >= 0)
+        auxiliary += weight * cross_entropy
+        expected += weight * (ranking + centering * (r_chosen + r_rejected) ** 2 + safety_aux * cross_entropy)
     assert float(sums["weight"]) == 5
     np.testing.assert_allclose(float(loss_sum), expected, rtol=2e-5)
+    if safety_aux:
+        np.testing.assert_allclose(float(sums["safety_aux_loss"]), auxiliary, rtol=2e-5)
 
 
 @pytest.mark.parametrize("padding", ["none", "right", "left"])
@@ -179,8 +188,7 @@ def test_score_equals_the_scalar_the_training_step_sees(tmp_path):
                             {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Farewell?"}]
     data = get_config("tiny").data
     data.shuffle = False
-    batches = make_batches(data, records, preference_spec(64), PreferencePairs(TOKENIZER, 64, needs_rating=True,
-                           safety_rule=False), global_batch_size=8, mesh=mesh, seed=0, num_epochs=1)
+    batches = make_batches(data, records, preference_spec(64), PreferencePairs(TOKENIZER, 64, safety_rule=False), global_batch_size=8, mesh=mesh, seed=0, num_epochs=1)
     graphdef, state = nnx.split(model)
     with sharding.logical_context(mesh, sharding.DEFAULT_RULES):
         chosen, rejected = jax.jit(lambda state, batch: pair_scores(nnx.merge(graphdef, state), batch))(
@@ -197,7 +205,7 @@ def example(chosen="To be.", rejected="Not to be.", rating=0, chosen_safe=1, rej
 
 
 def test_pairs_that_cannot_be_used_are_skipped_and_counted_by_reason():
-    encoder = PreferencePairs(TOKENIZER, 40, needs_rating=True, safety_rule=True)
+    encoder = PreferencePairs(TOKENIZER, 40, safety_rule=True)
     long_turn = " ".join(["word"] * 30)
     history = [{"role": "user", "content": long_turn}, {"role": "assistant", "content": "Yes."},
                {"role": "user", "content": "Which?"}]
@@ -205,12 +213,19 @@ def test_pairs_that_cannot_be_used_are_skipped_and_counted_by_reason():
              example(chosen_safe=0, rejected_safe=1), example(chosen_safe=0, rejected_safe=0),
              example(chosen=long_turn), example(prompt=history), example(chosen="[INST] to be")]
     counts = scan("pairs", pairs, encoder)
-    assert (counts.kept, counts.cut) == (2, 1)
-    assert counts.skipped == {"identical": 1, "unrated": 1, "unsafe_chosen": 1, "too_long": 1, "malformed": 1}
-    assert "8 pairs: 2 kept, 1 kept with their oldest turns dropped" in counts.summary()
+    assert (counts.kept, counts.cut) == (3, 1)  # the unrated pair is kept: it trains with margin 0
+    assert counts.skipped == {"identical": 1, "unsafe_chosen": 1, "too_long": 1, "malformed": 1}
+    assert "8 pairs: 3 kept, 1 kept with their oldest turns dropped" in counts.summary()
+    assert "1 chosen unsafe and rejected safe (the safety rule)" in counts.summary()
     assert encoder.encode(example(prompt=history))[1] == CUT
-    relaxed = PreferencePairs(TOKENIZER, 40, needs_rating=False, safety_rule=False)
-    assert [relaxed.encode(pair)[1] for pair in pairs[2:4]] == [KEPT, KEPT]
+    relaxed = PreferencePairs(TOKENIZER, 40, safety_rule=False)
+    assert relaxed.encode(pairs[3])[1] == KEPT
+    # Pairs without safety labels pass the rule; a dataset labelled only in part cannot have it applied.
+    unlabelled = example(chosen_safe=-1, rejected_safe=-1)
+    assert scan("helpfulness", [unlabelled] * 3, encoder).kept == 3
+    with pytest.raises(DataError, match="mixed: 1 of its 3 pairs have no safety labels.*reward.safety_rule=false"):
+        scan("mixed", [example(), unlabelled, example(chosen="Be.")], encoder)
+    assert scan("mixed", [example(), unlabelled, example(chosen="Be.")], relaxed).kept == 3
     with pytest.raises(DataError, match="rating 7, which is none of the four levels"):
         encoder.encode(example(rating=7))
 
@@ -241,9 +256,11 @@ def test_bad_input_is_one_clear_error(pretrained, tmp_path, capsys):
                             from_files=False)
     code, error = error_of(f"--config.data.tokenizer_path={other.path}")
     assert code == 1 and "is not the tokenizer of" in error and "leave data.tokenizer_path empty" in error
-    unrated = [{key: value for key, value in record.items() if key != "rating"} for record in preference_records(20)]
-    code, error = error_of(dataset="unrated", records=unrated)
-    assert code == 1 and "rate its pairs or set --config.reward.margin=none" in error
+    partly_labelled = [dict(record, chosen_safe=True, rejected_safe=False) if index % 2 else record
+                       for index, record in enumerate(preference_records(20))]
+    code, error = error_of(dataset="partly_labelled", records=partly_labelled)
+    assert code == 1 and "partly_labelled: " in error and "pairs have no safety labels" in error
+    assert "--config.reward.safety_rule=false" in error
     code, error = error_of("--config.reward.mix=(('closing_words', 1.0),)")
     assert code == 2 and "leaving nothing for data.dataset" in error
     code, error = error_of("--config.reward.margin=medium")
@@ -301,7 +318,10 @@ class Configured(Exception):
 def test_steps_are_epochs_of_the_pairs_of_the_dataset_and_of_its_mixture(pretrained, tmp_path, monkeypatch):
     identical = {"prompt": "Which?", "chosen": "To be.", "rejected": "To be.", "rating": "better"}  # skipped
     data = write_pairs(tmp_path / "pairs.jsonl", preference_records(27) + [identical] * 3)
-    other = write_pairs(tmp_path / "other.jsonl", preference_records(15, seed=1) + [identical] * 5)
+    # other_pairs is unrated, as the open-source datasets are: its pairs train too (margin 0).
+    unrated = [{key: value for key, value in record.items() if key != "rating"}
+               for record in preference_records(15, seed=1)]
+    other = write_pairs(tmp_path / "other.jsonl", unrated + [identical] * 5)
     sources.build_local_dataset("other_pairs", [other], format="preferences", data_dir=tmp_path / "tfds")
 
     def train(config, workdir, task):

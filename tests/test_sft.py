@@ -291,3 +291,42 @@ def test_gatt_keeps_the_first_of_several_sampled_answers_that_follows(random_pol
         assert cli.main(["gatt", "--checkpoint", str(random_policy), "--dialogs", str(dialogs), "--out", str(out),
                          "--samples", samples]) == 0
         assert len(out.read_text().splitlines()) == expected
+
+
+def test_gatt_with_reward_models_keeps_the_best_scored_answer_that_follows(random_policy, tmp_path, monkeypatch,
+                                                                           capsys):
+    from llama2_jax import reward
+    from llama2_jax.checkpoint.convert import export_model
+    from llama2_jax.commands import gatt
+
+    hamlet = InstructionSet((Instruction("character", "HAMLET"),), short=True)
+    monkeypatch.setattr(InstructionSet, "sample", classmethod(lambda cls, rng, characters, plays: hamlet))
+    # Sample k answers "HAMLET: k" except the second, which does not follow; the reward model prefers
+    # the third, which is neither the first sampled nor the first that follows.
+    monkeypatch.setattr(gatt, "answer_dialogs", lambda model, tokenizer, dialogs, seed, **keywords: [
+        "other" if seed // 100_000 == 1 else f"HAMLET: {seed // 100_000}" for _ in dialogs])
+    scored = []
+
+    def combined_scores(models, tokenizer, dialogs, responses, **keywords):
+        scored.append(list(responses))
+        return [{"HAMLET: 2": 0.9, "HAMLET: 0": 0.4}.get(response, 0.1) for response in responses]
+
+    monkeypatch.setattr(reward, "combined_scores", combined_scores)
+    helpfulness = tmp_path / "rm"
+    export_model(LlamaRewardModel(LlamaConfig.from_preset("tiny", compute_dtype="float32"), rngs=nnx.Rngs(1)),
+                 str(helpfulness), "orbax", tokenizer_path=str(TOKENIZER.path))
+    dialogs, out = gatt_dialogs_file(tmp_path / "d.jsonl"), tmp_path / "gatt.jsonl"
+    assert cli.main(["gatt", "--checkpoint", str(random_policy), "--dialogs", str(dialogs), "--out", str(out),
+                     "--samples", "4", "--reward-models", str(helpfulness)]) == 0
+    assert all(turn == ["HAMLET: 0", "HAMLET: 2", "HAMLET: 3"] * (len(turn) // 3) for turn in scored)  # followers only
+    answers = [json.loads(line)["messages"][-1]["content"] for line in out.read_text().splitlines()]
+    assert answers == ["HAMLET: 2"] * 5
+    assert gatt.best_reply(["a", "b"], [float("nan"), 0.1], "c") == "b" and gatt.best_reply([], [], "c") == "c"
+
+    other = tmp_path / "other_rm"
+    export_model(LlamaRewardModel(LlamaConfig.from_preset("tiny", compute_dtype="float32", vocab_size=256),
+                                  rngs=nnx.Rngs(2)), str(other), "orbax", tokenizer_path=str(TOKENIZER.path))
+    for path, message in ((other, "reads another vocabulary than the policy"), (random_policy, "holds a language model")):
+        assert cli.main(["gatt", "--checkpoint", str(random_policy), "--dialogs", str(dialogs), "--out",
+                         str(tmp_path / "bad.jsonl"), "--reward-models", str(path)]) == 1
+        assert message in capsys.readouterr().err

@@ -6,8 +6,11 @@
 For each multi-turn dialog of `--dialogs` (default: the bundled demo's) an instruction is drawn (a
 character to answer as, a play to name, or both; half in the short form); the policy answers every
 turn with the instruction appended to each user turn (`--samples` answers sampled, the first that
-follows the instruction kept); the output keeps the instruction in the first user turn only and
-trains only the last answer of each example (llama2_jax/data/gatt.py). The output is chat JSON
+follows the instruction kept; with `--reward-models`, the one of those that follow with the best
+combined reward, as the paper samples GAtt data from its latest RLHF model "analogous to rejection
+sampling"); the output keeps the instruction in the first user turn only and trains only the last
+answer of each example (llama2_jax/data/gatt.py). The policy may be any checkpoint: the recipe uses
+the rejection-sampling policy. The output is chat JSON
 lines, ready for `sft` (configs/sft.py's `gatt` round reads runs/gatt_dialogs.jsonl from runs/sft).
 """
 
@@ -18,8 +21,10 @@ import random
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 
-from llama2_jax.cli import ArgumentParser, reports_errors
+from llama2_jax import reward
+from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
 from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
 from llama2_jax.data.gatt import Conversation, converse, followed_turns, split_dialog, training_dialogs
 from llama2_jax.data.instructions import DEMO_DATA_DIR, InstructionSet, load_characters_and_plays
@@ -43,21 +48,39 @@ def conversations(dialogs: Sequence[Sequence[dict]], seed: int, every_turn: bool
     return result
 
 
-def answer_with(model, tokenizer, args, samples: int = 1):
+def answer_with(model, tokenizer, args, samples: int = 1, reward_models: Sequence = ()):
     """`converse`'s answer function: the model's answer to each conversation's turn. With `samples`
-    > 1, that many answers are sampled and the first that follows the instruction is kept (else the
-    first): a small policy that follows an instruction only some of the time still yields data."""
+    > 1, that many answers are sampled and, of those that follow the instruction, the first is kept,
+    or with `reward_models` the best by their combined reward (none follows: the first sampled): a
+    small policy that follows an instruction only some of the time still yields data."""
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
 
     def answer(conversations, turn: int) -> list[str]:
         dialogs = [conversation.messages(turn) for conversation in conversations]
-        candidates = [answer_dialogs(model, tokenizer, dialogs, max_new_tokens=args.answer_tokens, sampling=sampling,
-                                     seed=args.seed + 1000 * turn + 100_000 * sample, batch_size=args.batch_size)
-                      for sample in range(samples)]
-        return [next((reply for reply in replies if conversation.instruction.followed_by(reply)), replies[0])
-                for conversation, replies in zip(conversations, zip(*candidates))]
+        candidates = list(zip(*[answer_dialogs(model, tokenizer, dialogs, max_new_tokens=args.answer_tokens,
+                                               sampling=sampling, seed=args.seed + 1000 * turn + 100_000 * sample,
+                                               batch_size=args.batch_size)
+                                for sample in range(samples)]))
+        following = [[reply for reply in replies if conversation.instruction.followed_by(reply)]
+                     for conversation, replies in zip(conversations, candidates)]
+        if not reward_models:
+            return [kept[0] if kept else replies[0] for kept, replies in zip(following, candidates)]
+        scored = [(row, reply) for row, kept in enumerate(following) for reply in kept]
+        rewards = reward.combined_scores(reward_models, tokenizer, [dialogs[row] for row, _ in scored],
+                                         [reply for _, reply in scored]) if scored else []
+        return [best_reply(kept, [value for (row, _), value in zip(scored, rewards) if row == index], replies[0])
+                for index, (kept, replies) in enumerate(zip(following, candidates))]
 
     return answer
+
+
+def best_reply(following: Sequence[str], rewards: Sequence[float], fallback: str) -> str:
+    """The reply with the highest reward among those that follow the instruction (the first on a tie;
+    a NaN reward, a pair too long to score, never wins over a number); `fallback` when none follows."""
+    if not following:
+        return fallback
+    order = sorted(range(len(following)), key=lambda index: (-np.nan_to_num(rewards[index], nan=-np.inf), index))
+    return following[order[0]]
 
 
 def add_conversation_flags(parser: ArgumentParser, dialogs: str, temperature: float, many: bool = False) -> None:
@@ -75,11 +98,17 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", required=True, help="output chat JSONL")
     parser.add_argument("--samples", type=int, default=4,
                         help="answers sampled per turn; the first that follows the instruction is kept")
+    parser.add_argument("--reward-models", nargs="+", metavar="RM", default=(),
+                        help="a helpfulness reward model and, optionally, a safety one: keep the sampled answer "
+                        "that follows the instruction with the best combined reward, not the first")
     args = parser.parse_args(argv)
+    if len(args.reward_models) > 2:
+        raise UsageError("--reward-models takes a helpfulness reward model and at most one safety reward model")
     model, tokenizer = load_for_sampling(args)
+    reward_models = reward.load_reward_models(args.reward_models, tokenizer, flag="--reward-models")
     dialogs = conversations(read_dialogs(args.dialogs), args.seed, every_turn=True)
-    converse(dialogs, answer_with(model, tokenizer, args, args.samples), tokenizer, model.config.max_seq_len,
-             args.answer_tokens)
+    converse(dialogs, answer_with(model, tokenizer, args, args.samples, reward_models), tokenizer,
+             model.config.max_seq_len, args.answer_tokens)
     examples = [example for conversation in dialogs for example in training_dialogs(conversation)]
     answered = sum(len(conversation.answers) for conversation in dialogs)
     followed = sum(followed_turns(conversation) for conversation in dialogs)

@@ -8,7 +8,8 @@ padding have weight 0. `response_row` builds the same sequence for scoring, so a
 exactly as it was seen in training.
 
 A pair that does not fit loses the oldest complete exchanges of its prompt, for both responses
-alike; pairs that cannot be used are skipped, and `scan` counts them by reason (`SKIPPED`).
+alike; pairs that cannot be used are skipped, and `scan` counts them by reason (`SKIPPED`). An
+unrated pair (the open-source datasets carry no rating) is used: the loss gives it margin 0.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ KEPT, CUT = "kept", "cut"
 # Why a pair is not trained on.
 SKIPPED = {
     "identical": "chosen and rejected are the same text",
-    "unrated": "no rating while reward.margin is set",
     "unsafe_chosen": "chosen unsafe and rejected safe (the safety rule)",
     "too_long": "longer than train.seq_len even without earlier turns",
     "malformed": "not a dialog the chat format can encode",
@@ -105,13 +105,12 @@ def check_rating(rating: int) -> int:
 class PreferencePairs:
     """A preference example -> [one row of the pair], or [] when the pair is skipped (`encode` says why).
 
-    `needs_rating`: skip unrated pairs (a margin is set). `safety_rule`: skip pairs whose chosen
-    answer is unsafe while the rejected one is safe, as the paper does for its safety reward model.
+    `safety_rule`: skip pairs whose chosen answer is unsafe while the rejected one is safe, as the
+    paper does for all its collected data, for both reward models (pairs without safety labels pass).
     """
 
-    def __init__(self, tokenizer: Tokenizer, seq_len: int, *, needs_rating: bool, safety_rule: bool):
-        self.tokenizer, self.seq_len = tokenizer, seq_len
-        self.needs_rating, self.safety_rule = needs_rating, safety_rule
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, *, safety_rule: bool):
+        self.tokenizer, self.seq_len, self.safety_rule = tokenizer, seq_len, safety_rule
 
     def __call__(self, example: Mapping[str, Any]) -> list[Piece]:
         return self.encode(example)[0]
@@ -122,8 +121,6 @@ class PreferencePairs:
         chosen_safe, rejected_safe = int(example["chosen_safe"]), int(example["rejected_safe"])
         if chosen.strip() == rejected.strip():
             return [], "identical"
-        if self.needs_rating and rating == UNRATED:
-            return [], "unrated"
         if self.safety_rule and (chosen_safe, rejected_safe) == (0, 1):
             return [], "unsafe_chosen"
         try:
@@ -162,9 +159,18 @@ class PairCounts:
 
 
 def scan(name: str, source, encoder: PreferencePairs) -> PairCounts:
-    """Encode every pair of `source` once and count what happened to each."""
+    """Encode every pair of `source` once and count what happened to each. With the safety rule on,
+    a dataset whose pairs carry safety labels must carry them on every pair (the rule cannot be
+    applied to the others): a DataError names it otherwise."""
     outcomes: collections.Counter = collections.Counter()
+    unlabelled = 0
     for index in range(len(source)):
-        outcomes[encoder.encode(source[index])[1]] += 1
+        example = source[index]
+        outcomes[encoder.encode(example)[1]] += 1
+        unlabelled += int(example["chosen_safe"]) < 0 or int(example["rejected_safe"]) < 0
+    if encoder.safety_rule and 0 < unlabelled < len(source):
+        raise DataError(f"{name}: {unlabelled} of its {len(source)} pairs have no safety labels (chosen_safe, "
+                        "rejected_safe) while the others do, so the safety rule cannot be applied to them; label "
+                        "every pair, or set --config.reward.safety_rule=false")
     return PairCounts(name, len(source), outcomes[KEPT], outcomes[CUT],
                       {reason: outcomes[reason] for reason in SKIPPED})

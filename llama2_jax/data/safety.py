@@ -5,7 +5,9 @@ assistant", built from adjectives such as responsible, respectful and wise — o
 risk category is known, with a preprompt that names the category and gives an answer template;
 the model answers with the preprompt in context, and is then fine-tuned on those answers without
 it, so that it answers that way on its own. Here the preprompt is the dialog's system prompt, the
-place the Llama 2 chat format gives such instructions.
+place the Llama 2 chat format gives such instructions. The adjectives, categories and templates
+below are this package's own, written after that description; the paper's preprompts are in its
+Table 39.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ class RiskCategory:
     answer_template: str
 
 
-# The risks of the bundled demo (prompts whose true continuation speaks of violence) and the
-# paper's own categories, with answer templates in the paper's manner.
+# The risk of the bundled demo (prompts whose true continuation speaks of violence) and three of the
+# kinds of risk the paper names, each with an answer template of our own.
 RISK_CATEGORIES = {
     "violence": RiskCategory(
         "violence or harm to people",

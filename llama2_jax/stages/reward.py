@@ -44,10 +44,12 @@ CONFIG_DOCS = {
     "init_checkpoint": "the model to start from: a chat/SFT or pretrained language model (it gets a new score "
                        "head), or a reward model (ours, or Hugging Face LlamaForSequenceClassification)",
     "reward.margin": "m(rating) in the loss, strongest level first: none, small (1, 2/3, 1/3, 0) or large "
-                     "(3, 2, 1, 0); with a margin, unrated pairs are skipped",
+                     "(3, 2, 1, 0); unrated pairs get 0",
     "reward.centering": "weight of the reward-centering term (r_chosen + r_rejected)^2 (0: off)",
-    "reward.safety_rule": "skip pairs whose chosen answer is unsafe while the rejected one is safe (the "
-                          "paper's safety model)",
+    "reward.safety_rule": "skip pairs whose chosen answer is unsafe while the rejected one is safe, in every "
+                          "dataset with safety labels (the paper's rule for both models; false: keep them)",
+    "reward.safety_aux_weight": "weight of the binary safe/unsafe loss on each response with a safety label "
+                                "(the paper's A.3.4 for the safety model; 0: off)",
     "reward.mix": "other prepared preference datasets drawn into training, ((name, share of the pairs), ...); "
                   "data.dataset takes the rest, and an epoch is one pass over it",
 }
@@ -93,8 +95,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def pair_encoder(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> PreferencePairs:
-    return PreferencePairs(tokenizer, config.train.seq_len, needs_rating=config.reward.margin != "none",
-                           safety_rule=config.reward.safety_rule)
+    return PreferencePairs(tokenizer, config.train.seq_len, safety_rule=config.reward.safety_rule)
 
 
 def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> Task:
@@ -118,7 +119,8 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
 
     return Task(
         model_config=model_config,
-        loss_fn=make_preference_loss(margin=config.reward.margin, centering=config.reward.centering),
+        loss_fn=make_preference_loss(margin=config.reward.margin, centering=config.reward.centering,
+                                     safety_aux=config.reward.safety_aux_weight),
         batch_spec=spec,
         train_batches=lambda mesh, rules: batches(mesh, rules, data.train_split, None),
         eval_batches=((lambda mesh, rules: batches(mesh, rules, data.eval_split, 1))
@@ -138,9 +140,8 @@ def count_pairs(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list
     for found in counts:
         report(f"training pairs: {found.summary()}")
         if found.used == 0:
-            hint = ("; rate its pairs or set --config.reward.margin=none" if found.skipped["unrated"]
-                    else "; check the dataset and train.seq_len")
-            raise DataError(f"none of the {found.total} pairs of {found.name} can be trained on{hint}")
+            raise DataError(f"none of the {found.total} pairs of {found.name} can be trained on; check the dataset "
+                            "and train.seq_len")
     if config.train.eval_every:
         held_out = open_preferences(config, config.data.dataset, config.data.eval_split)
         report(f"held-out pairs: {scan(config.data.dataset, held_out, encoder).summary()}")

@@ -1,10 +1,15 @@
 """The reward models' loss: a binary ranking loss on the two responses of a pair, with a margin.
 
     loss = -log σ(r_chosen − r_rejected − m(rating)) + λ · (r_chosen + r_rejected)²
+           + α · Σ_{labelled responses} −[safe · log σ(r) + (1 − safe) · log(1 − σ(r))]
 
 `m` is one of the paper's margin tables (`MARGINS`, by rating level, strongest first; unrated pairs
 get 0); the second term, off when λ = 0, keeps scores centred on 0 (the loss alone only fixes their
-differences), so that σ(score) = 0.5 means "neither good nor bad".
+differences), so that σ(score) = 0.5 means "neither good nor bad". The third is the safety model's
+auxiliary loss (the paper's A.3.4, whose exact form it leaves open; docs/recipe.md): a binary
+cross-entropy of σ(score) against the response's safety label, on each response that carries one,
+which puts unsafe answers below 0.5 and safe ones above, where the ranking term alone only orders
+them within a pair.
 
 Batches are rows of pairs (llama2_jax/data/preferences.py): `[B, 2, T]` sequences, chosen first. The
 model scores the `2B` sequences as one batch, so the two responses of a prompt always go through
@@ -54,7 +59,7 @@ def margins(rating: jax.Array, margin: str) -> jax.Array:
     return jnp.where(rating >= 0, table[jnp.clip(rating, 0, len(RATING_LEVELS) - 1)], 0.0)
 
 
-def make_preference_loss(*, margin: str = "none", centering: float = 0.0) -> LossFn:
+def make_preference_loss(*, margin: str = "none", centering: float = 0.0, safety_aux: float = 0.0) -> LossFn:
     """The ranking loss over batches of pairs (see the module docstring); `weight` counts pairs."""
     if margin not in MARGINS:
         raise ValueError(f"unknown margin {margin!r}; choose one of {', '.join(MARGINS)}")
@@ -66,11 +71,25 @@ def make_preference_loss(*, margin: str = "none", centering: float = 0.0) -> Los
         ranking = -jax.nn.log_sigmoid(chosen - rejected - margins(batch["rating"], margin))
         loss_sum = jnp.sum(weight * (ranking + centering * jnp.square(chosen + rejected)))
         sums = preference_sums(chosen, rejected, batch)
-        if centering:
+        if centering or safety_aux:
             sums["ranking_loss"] = jnp.sum(weight * ranking)
+        if safety_aux:
+            sums["safety_aux_loss"] = jnp.sum(weight * safety_cross_entropy(chosen, rejected, batch))
+            loss_sum = loss_sum + safety_aux * sums["safety_aux_loss"]
         return loss_sum, sums
 
     return preference_loss
+
+
+def safety_cross_entropy(chosen: jax.Array, rejected: jax.Array, batch: Batch) -> jax.Array:
+    """Per pair, the binary cross-entropy of σ(score) against the safety label (1 safe, 0 unsafe),
+    summed over its responses that carry one (label -1: none)."""
+    total = 0.0
+    for side, score in (("chosen", chosen), ("rejected", rejected)):
+        label = batch[f"{side}_safe"]
+        cross_entropy = -jnp.where(label == 1, jax.nn.log_sigmoid(score), jax.nn.log_sigmoid(-score))
+        total = total + jnp.where(label >= 0, cross_entropy, 0.0)
+    return total
 
 
 def preference_sums(chosen: jax.Array, rejected: jax.Array, batch: Batch) -> dict[str, jax.Array]:
