@@ -37,12 +37,15 @@ SKIPPED = {
 }
 
 
-def preference_spec(seq_len: int) -> BatchSpec:
+def preference_spec(seq_len: int, answer_masks: bool = False) -> BatchSpec:
     """Rows of one pair each: `[2, seq_len]` token ids, positions and segment ids (chosen, then
     rejected), and per pair its rating (-1 unrated), safety labels (1 safe, 0 unsafe, -1 unknown)
-    and weight. The model runs on both sequences of a row, so throughput counts both."""
+    and weight. The model runs on both sequences of a row, so throughput counts both. With
+    `answer_masks`, `answer_mask` `[2, seq_len]` is 1 at t where the token at t + 1 belongs to the
+    final answer (its EOS included): where a language model's prediction is the answer's (DPO)."""
     pair = (2, seq_len)
-    return BatchSpec({
+    masks = {"answer_mask": Field(pair, "float32", "ones")} if answer_masks else {}
+    return BatchSpec({**masks,
         "inputs": Field(pair, "int32", "tokens"),
         "positions": Field(pair, "int32", "positions"),
         "segment_ids": Field(pair, "int32", "ones"),
@@ -69,16 +72,20 @@ def _text(value: Any) -> str:
 
 
 def fit_responses(tokenizer: Tokenizer, prompt: Sequence[Message], responses: Sequence[str],
-                  max_tokens: int) -> tuple[list[list[int]], bool] | None:
+                  max_tokens: int, masks: list | None = None) -> tuple[list[list[int]], bool] | None:
     """Token ids of `prompt` + each response in the chat format, the prompt's oldest complete
     exchanges dropped (its system message kept) until every one fits in `max_tokens`; whether any
-    were dropped. None when even the last user turn does not leave room."""
-    kept = list(prompt)
+    were dropped. None when even the last user turn does not leave room. A list given as `masks`
+    receives each sequence's mask of the final response's tokens and EOS."""
+    kept = [{**message, "train": False} if message["role"] == "assistant" else message for message in prompt]
     first_turn = 1 if kept and kept[0]["role"] == "system" else 0
     while True:
-        sequences = [encode_dialog(tokenizer, [*kept, {"role": "assistant", "content": response}]).tokens
-                     for response in responses]
+        encoded = [encode_dialog(tokenizer, [*kept, {"role": "assistant", "content": response}])
+                   for response in responses]
+        sequences = [dialog.tokens for dialog in encoded]
         if max(map(len, sequences)) <= max_tokens:
+            if masks is not None:
+                masks.extend(dialog.loss_mask for dialog in encoded)
             return sequences, len(kept) < len(prompt)
         if len(kept) - first_turn <= 1:
             return None
@@ -109,8 +116,9 @@ class PreferencePairs:
     paper does for all its collected data, for both reward models (pairs without safety labels pass).
     """
 
-    def __init__(self, tokenizer: Tokenizer, seq_len: int, *, safety_rule: bool):
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, *, safety_rule: bool, answer_masks: bool = False):
         self.tokenizer, self.seq_len, self.safety_rule = tokenizer, seq_len, safety_rule
+        self.answer_masks = answer_masks
 
     def __call__(self, example: Mapping[str, Any]) -> list[Piece]:
         return self.encode(example)[0]
@@ -123,8 +131,10 @@ class PreferencePairs:
             return [], "identical"
         if self.safety_rule and (chosen_safe, rejected_safe) == (0, 1):
             return [], "unsafe_chosen"
+        masks: list = []
         try:
-            fitted = fit_responses(self.tokenizer, as_messages(example["prompt"]), (chosen, rejected), self.seq_len)
+            fitted = fit_responses(self.tokenizer, as_messages(example["prompt"]), (chosen, rejected), self.seq_len,
+                                   masks)
         except ValueError:  # a reserved chat tag, or roles out of order
             return [], "malformed"
         if fitted is None:
@@ -132,6 +142,10 @@ class PreferencePairs:
         sequences, cut = fitted
         rows = [response_row(tokens, self.seq_len) for tokens in sequences]
         piece = {name: np.stack([row[name] for row in rows]) for name in SEQUENCE_FIELDS}
+        if self.answer_masks:
+            piece["answer_mask"] = np.zeros((2, self.seq_len), np.float32)
+            for side, mask in enumerate(masks):
+                piece["answer_mask"][side, :len(mask) - 1] = mask[1:]  # the prediction at t is of token t + 1
         piece.update(rating=np.int32(rating), chosen_safe=np.int32(chosen_safe),
                      rejected_safe=np.int32(rejected_safe), pair_weight=np.float32(1.0))
         return [piece], CUT if cut else KEPT

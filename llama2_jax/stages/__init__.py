@@ -8,6 +8,7 @@
     ppo.py        PPO: rollouts of the current policy scored by both reward models, clipped policy and
                   value losses, on the one loop with the policy and value model trained together
                                                                      (python -m llama2_jax ppo)
+    dpo.py        DPO: the policy on preference pairs against a frozen reference     (python -m llama2_jax dpo)
     initial.py    how a fine-tuning stage starts from a checkpoint: its tokenizer, shape, weights
 
 A stage module defines `STAGE` (the name its configs carry in `config.stage`), `CONFIG_DOCS` (what
@@ -44,6 +45,8 @@ STAGES = {
                        "(configs/rejection.py)"),
     "ppo": Stage("ppo", "llama2_jax.stages.ppo",
                  "PPO with both reward models and a KL to the starting policy (configs/ppo.py)"),
+    "dpo": Stage("dpo", "llama2_jax.stages.dpo",
+                 "DPO on preference pairs against a frozen reference, no reward model (configs/dpo.py)"),
 }
 
 

@@ -57,19 +57,25 @@ CONFIG_DOCS = {
 log = logging.getLogger(__name__)
 
 
+def pair_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The section of a stage that trains on preference pairs (`reward`, `dpo`): its `mix`,
+    `safety_rule` and `margin` keys say how the pairs are drawn, filtered and weighted."""
+    return config[config.stage]
+
+
 def mixture(config: ml_collections.ConfigDict) -> tuple[list[str], list[float]]:
-    """The training datasets and their shares of the pairs: data.dataset first, with what
-    reward.mix leaves."""
-    names, shares = [config.data.dataset], []
-    for entry in config.reward.mix:
+    """The training datasets and their shares of the pairs: data.dataset first, with what the
+    stage's `mix` leaves."""
+    names, shares, key = [config.data.dataset], [], f"{config.stage}.mix"
+    for entry in pair_settings(config).mix:
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
                 and isinstance(entry[1], (int, float)) and entry[1] > 0):
-            raise ConfigError(f"reward.mix entry {entry!r} is not (dataset name, share > 0); e.g. "
-                              "--config.reward.mix='((\"safety_pairs\", 0.5),)'")
+            raise ConfigError(f"{key} entry {entry!r} is not (dataset name, share > 0); e.g. "
+                              f"--config.{key}='((\"safety_pairs\", 0.5),)'")
         names.append(entry[0])
         shares.append(float(entry[1]))
     if sum(shares) >= 1:
-        raise ConfigError(f"the shares of reward.mix add up to {sum(shares):g}, leaving nothing for data.dataset "
+        raise ConfigError(f"the shares of {key} add up to {sum(shares):g}, leaving nothing for data.dataset "
                           f"{config.data.dataset}; make them add up to less than 1")
     return names, [1 - sum(shares), *shares]
 
@@ -94,8 +100,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     mixture(config)
 
 
-def pair_encoder(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> PreferencePairs:
-    return PreferencePairs(tokenizer, config.train.seq_len, safety_rule=config.reward.safety_rule)
+def pair_encoder(config: ml_collections.ConfigDict, tokenizer: Tokenizer, answer_masks: bool = False) -> PreferencePairs:
+    return PreferencePairs(tokenizer, config.train.seq_len, safety_rule=pair_settings(config).safety_rule,
+                           answer_masks=answer_masks)
 
 
 def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> Task:
