@@ -4,7 +4,8 @@ The Llama 2 paper's Ghost Attention appends an instruction ("Act as Napoleon", "
 both) to the user turns of a dialog, half of them in a terse form ("Figure: Napoleon"), and trains on
 answers that keep following it. Judging "acts as Napoleon" needs a person or a model; here each
 instruction asks for a visible mark instead, so data can be built by rewriting answers (`apply`) and
-a model scored by a plain test (`followed_by`):
+a model scored by a plain test (`followed_by`, or `follows_instruction`, which reads the instruction
+back from a prompt: GRPO's bundled program reward, `grpo.reward_fn`):
 
 - character HAMLET: "Answer as HAMLET, ..." or "Figure: HAMLET"; the answer starts with "HAMLET: ".
 - play Hamlet: "End every answer with the play's name, Hamlet." or "Play: Hamlet"; the answer ends
@@ -16,9 +17,11 @@ parsed to `assets/demo/characters_and_plays.json`, read by `load_characters_and_
 
 from __future__ import annotations
 
+import functools
 import json
 import random
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -117,3 +120,45 @@ def load_characters_and_plays(path: str | Path = CHARACTERS_AND_PLAYS) -> tuple[
     """(characters, plays) to sample instructions from, as `scripts/make_demo_data.py` parsed them."""
     data = json.loads(Path(path).read_text(encoding="utf-8"))
     return list(data["characters"]), list(data["plays"])
+
+
+def follows_instruction(messages: Sequence[Mapping[str, str]], answer: str) -> float:
+    """1.0 when `answer` follows the instructions that the dialog's first user message ends with, in
+    `InstructionSet.append_to`'s format (a blank line, then one or two instructions, long or short,
+    about the bundled corpus's characters and plays); else 0.0, and 0.0 for a prompt without one.
+    A program reward for GRPO: `--config.grpo.reward_fn=llama2_jax.data.instructions:follows_instruction`."""
+    user = next((message["content"] for message in messages if message.get("role") == "user"), None)
+    instructions = parse_instructions(user) if user else None
+    return float(instructions is not None and instructions.followed_by(answer.strip()))
+
+
+def parse_instructions(message: str) -> InstructionSet | None:
+    """The instructions `InstructionSet.append_to` appended to `message`, or None when it ends with none."""
+    _, blank, tail = message.rpartition("\n\n")
+    if not blank:
+        return None
+    for short, kinds, pattern in _instruction_patterns():
+        found = pattern.fullmatch(tail)
+        if found:
+            return InstructionSet(tuple(Instruction(kind, found.group(kind)) for kind in kinds), short=short)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _instruction_patterns() -> list[tuple[bool, tuple[Kind, ...], re.Pattern]]:
+    """(short, kinds in order, pattern) for every text an InstructionSet can have: each form, one
+    instruction or two of different kinds in either order, each value one of the bundled characters
+    or plays (longest first, so "KING RICHARD" is not read as "KING")."""
+    characters, plays = load_characters_and_plays()
+    values = {"character": characters, "play": plays}
+
+    def one(kind: Kind, short: bool) -> str:
+        names = "|".join(re.escape(value) for value in sorted(set(values[kind]), key=len, reverse=True))
+        return re.escape(Instruction(kind, "VALUE").text(short)).replace("VALUE", f"(?P<{kind}>{names})")
+
+    patterns = []
+    for short, separator in ((True, "; "), (False, " ")):
+        for kinds in (("character",), ("play",), ("character", "play"), ("play", "character")):
+            text = re.escape(separator).join(one(kind, short) for kind in kinds)
+            patterns.append((short, kinds, re.compile(text)))
+    return patterns

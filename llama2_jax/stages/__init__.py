@@ -8,6 +8,9 @@
     ppo.py        PPO: rollouts of the current policy scored by both reward models, clipped policy and
                   value losses, on the one loop with the policy and value model trained together
                                                                      (python -m llama2_jax ppo)
+    grpo.py       GRPO (DeepSeekMath, not in the paper): groups of answers per prompt rewarded by the
+                  reward models or a program, advantages relative to the group, no value model, on
+                  PPO's rollouts                                     (python -m llama2_jax grpo)
     dpo.py        DPO: the policy on preference pairs against a frozen reference     (python -m llama2_jax dpo)
     initial.py    how a fine-tuning stage starts from a checkpoint: its tokenizer, shape, weights
 
@@ -45,6 +48,8 @@ STAGES = {
                        "(configs/rejection.py)"),
     "ppo": Stage("ppo", "llama2_jax.stages.ppo",
                  "PPO with both reward models and a KL to the starting policy (configs/ppo.py)"),
+    "grpo": Stage("grpo", "llama2_jax.stages.grpo",
+                  "GRPO: groups of answers per prompt, group-relative rewards, no value model (configs/grpo.py)"),
     "dpo": Stage("dpo", "llama2_jax.stages.dpo",
                  "DPO on preference pairs against a frozen reference, no reward model (configs/dpo.py)"),
 }

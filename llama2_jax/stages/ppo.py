@@ -93,31 +93,39 @@ def settings_of(config: ml_collections.ConfigDict, eos_id: int) -> Settings:
                     seq_len=config.train.seq_len, seed=config.train.seed, eos_id=eos_id)
 
 
-def batch_spec(seq_len: int) -> BatchSpec:
+def batch_spec(seq_len: int, float_fields: tuple[str, ...] = ppo_loss.FLOAT_FIELDS) -> BatchSpec:
     fields = {name: Field((seq_len,), "int32", "positions" if name == "positions" else
                           "ones" if name == "segment_ids" else "tokens") for name in ppo_loss.INT_FIELDS}
     fields.update({name: Field((seq_len,), "float32", "ones" if name == "answer_mask" else "zeros")
-                   for name in ppo_loss.FLOAT_FIELDS})
+                   for name in float_fields})
     return BatchSpec(fields, packed=False, weight_field="answer_mask")
 
 
-class _Frozen:
-    """The frozen models, loaded at first use and shared by the rollouts and the evaluations."""
+class Frozen:
+    """The frozen models, loaded at first use and shared by the rollouts and the evaluations: the
+    reference (`init_checkpoint`) and the reward models `section` names (its `helpfulness_rm`,
+    `safety_rm`, `frozen_dtype`: config.ppo, or config.grpo; no reward models when `reward_models`
+    is false)."""
 
-    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, rules):
+    def __init__(self, config: ml_collections.ConfigDict, mesh: Mesh, rules,
+                 section: ml_collections.ConfigDict | None = None, reward_models: bool = True):
         self.config, self.mesh, self.rules, self.models = config, mesh, rules, None
+        self.section = config.ppo if section is None else section
+        self.reward_models = reward_models
 
     def __call__(self) -> FrozenModels:
         if self.models is None:
-            ppo, dtype = self.config.ppo, self.config.ppo.frozen_dtype
+            section, dtype = self.section, self.section.frozen_dtype
             compute = self.config.model.compute_dtype
 
             def load(path):
                 return load_pretrained(path, compute, param_dtype=dtype, mesh=self.mesh, rules=self.rules,
                                        max_seq_len=self.config.model.max_seq_len)
 
-            self.models = FrozenModels(load(self.config.init_checkpoint), load(ppo.helpfulness_rm),
-                                       load(ppo.safety_rm) if ppo.safety_rm else None)
+            rewards = self.reward_models
+            self.models = FrozenModels(load(self.config.init_checkpoint),
+                                       load(section.helpfulness_rm) if rewards else None,
+                                       load(section.safety_rm) if rewards and section.safety_rm else None)
         return self.models
 
 
@@ -127,11 +135,11 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
     """PPO on the one loop: the actor-critic, its losses and the rollouts as batches. Without prompts
     (`aot`, `bench`) the task compiles and benchmarks its step but makes no rollouts."""
     settings = settings_of(config, tokenizer.eos_id if tokenizer else 2)
-    frozen: dict[int, _Frozen] = {}
+    frozen: dict[int, Frozen] = {}
     rollouts: list[RolloutBatches] = []  # the run's iterator, which knows the step an evaluation is at
 
-    def frozen_models(mesh: Mesh, rules) -> _Frozen:
-        return frozen.setdefault(id(mesh), _Frozen(config, mesh, rules))
+    def frozen_models(mesh: Mesh, rules) -> Frozen:
+        return frozen.setdefault(id(mesh), Frozen(config, mesh, rules))
 
     def train_batches(mesh: Mesh, rules) -> RolloutBatches:
         if training is None:

@@ -15,7 +15,8 @@ position (iteration and mini-batch) is saved in every checkpoint. Iteration i dr
 its sampling keys from `train.seed` and i alone, and its rollout is written whole to
 `rollouts/iteration_NNNNN.npz` before its first step, so a run stopped in the middle of an iteration
 resumes on the very rollout it was training on. The frozen models (reference policy, reward models)
-are loaded once, on the run's mesh, and never saved.
+are loaded once, on the run's mesh, and never saved. GRPO (llama2_jax/stages/grpo.py) runs on the same
+iterator with groups of answers per prompt and a scoring of its own.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class FrozenModels:
     """The models PPO reads and never trains, on the run's mesh."""
 
     reference: nnx.Module
-    helpfulness: nnx.Module
+    helpfulness: nnx.Module | None  # None: rewards from a program (GRPO's grpo.reward_fn)
     safety: nnx.Module | None
 
 
@@ -72,6 +73,7 @@ class Settings:
     seq_len: int
     seed: int
     eos_id: int
+    samples: int = 1  # answers per prompt (GRPO's group size); rollouts // samples prompts an iteration
 
     @property
     def steps_per_iteration(self) -> int:
@@ -146,11 +148,11 @@ def in_chunks(function, graphdef, state, rows: dict[str, np.ndarray], chunk: int
     return jax.tree.map(lambda *parts: np.concatenate(parts), *outputs)
 
 
-def score_rollout(model: nnx.Module, frozen: FrozenModels, prompts: Sequence[Sequence[int]], answers: Sequence[Answer],
-                  is_safety: np.ndarray, settings: Settings, mesh: Mesh, rules) -> Scored:
-    """The answers as training rows with their scores, log-probs, values, advantages and returns."""
-    rows = training_rows(prompts, answers, settings.seq_len)
-    mask = rows["answer_mask"]
+def reward_model_scores(frozen: FrozenModels, prompts: Sequence[Sequence[int]], answers: Sequence[Answer],
+                        is_safety: np.ndarray, settings: Settings, mesh: Mesh,
+                        rules) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Both reward models' scores of each (prompt, answer), their combination and where it took the
+    safety score; without a safety model the helpfulness score is all three."""
     sequences = [scored_sequence(prompt, answer, settings.eos_id) for prompt, answer in zip(prompts, answers)]
     helpfulness = reward.score_tokens(frozen.helpfulness, sequences, batch_size=settings.score_batch_size,
                                       mesh=mesh, rules=rules)
@@ -165,6 +167,16 @@ def score_rollout(model: nnx.Module, frozen: FrozenModels, prompts: Sequence[Seq
         if not np.all(np.isfinite(scores)):
             raise FloatingPointError(f"the {name} reward model gave {np.sum(~np.isfinite(scores))} NaN or infinite "
                                      "scores; check its checkpoint (its training may have diverged)")
+    return helpfulness, safety, combined, to_safety
+
+
+def score_rollout(model: nnx.Module, frozen: FrozenModels, prompts: Sequence[Sequence[int]], answers: Sequence[Answer],
+                  is_safety: np.ndarray, settings: Settings, mesh: Mesh, rules) -> Scored:
+    """The answers as training rows with their scores, log-probs, values, advantages and returns."""
+    rows = training_rows(prompts, answers, settings.seq_len)
+    mask = rows["answer_mask"]
+    helpfulness, safety, combined, to_safety = reward_model_scores(frozen, prompts, answers, is_safety, settings,
+                                                                   mesh, rules)
     graphdef, state = nnx.split(model)
     log_probs, values = in_chunks(_policy_terms, graphdef, state, rows, settings.mini_batch, mesh, rules)
     reference_graphdef, reference_state = nnx.split(frozen.reference)
@@ -197,8 +209,13 @@ def rollout_metrics(scored: Scored, seconds: dict[str, float], new_tokens: int) 
         "kl_reference_k3": float(np.mean(scored.kl_k3.sum(axis=1))),
         "answer_length": float(np.mean(lengths)),
         "eos_rate": float(np.mean(scored.finished)),
-        **{f"{phase}_s": value for phase, value in seconds.items()},
     }
+    return {**values, **timing_metrics(seconds, new_tokens)}
+
+
+def timing_metrics(seconds: dict[str, float], new_tokens: int) -> dict[str, float]:
+    """The phases' seconds and the sampling rate."""
+    values = {f"{phase}_s": value for phase, value in seconds.items()}
     if seconds.get("rollout"):
         values["rollout_tokens_per_s"] = new_tokens / seconds["rollout"]
     return values
@@ -220,14 +237,27 @@ def mini_batch_rows(settings: Settings, iteration: int) -> list[np.ndarray]:
     return [order[start:start + settings.mini_batch] for start in range(0, len(order), settings.mini_batch)]
 
 
+# How a rollout is scored: (trained model, frozen models, each answer's prompt tokens, the answers,
+# each answer's index in the prompt list) -> (training rows, the rollout's metrics).
+ScoreFn = Callable[[nnx.Module, FrozenModels, list, list, np.ndarray], tuple[dict[str, np.ndarray], dict[str, float]]]
+
+
 class RolloutBatches:
     """The loop's on-policy iterator (llama2_jax/train/task.py): `next_batch(model)` gives the next
-    mini-batch, making the next iteration's rollout from `model` when the last one is used up."""
+    mini-batch, making the next iteration's rollout from `model` when the last one is used up.
+
+    An iteration answers `rollouts // samples` prompts `samples` times each (one prefill per prompt).
+    PPO's defaults: one answer per prompt from `model.policy`, scored by `score_rollout`. GRPO
+    (llama2_jax/stages/grpo.py) samples a group per prompt from the model itself and scores with its
+    own `score`."""
 
     def __init__(self, settings: Settings, prompt_tokens: Sequence[Sequence[int]], is_safety: np.ndarray,
-                 frozen: Callable[[], FrozenModels], directory: epath.Path, mesh: Mesh, rules):
+                 frozen: Callable[[], FrozenModels], directory: epath.Path, mesh: Mesh, rules, *,
+                 policy_of: Callable[[nnx.Module], nnx.Module] = lambda model: model.policy,
+                 score: ScoreFn | None = None):
         self.settings, self.prompt_tokens, self.is_safety = settings, prompt_tokens, np.asarray(is_safety, bool)
         self.frozen_models, self.frozen = frozen, None
+        self.policy_of, self.score = policy_of, score or self.score_ppo
         self.directory, self.mesh, self.rules = directory, mesh, rules
         self.iteration, self.position = 0, 0
         self.rows: dict[str, np.ndarray] | None = None
@@ -263,25 +293,35 @@ class RolloutBatches:
         settings = self.settings
         self.frozen = self.frozen or self.frozen_models()
         train_seconds = time.perf_counter() - self.last_rollout_end if self.last_rollout_end else None
-        indices = iteration_prompts(settings.rollouts, len(self.prompt_tokens), self.iteration, settings.seed)
+        indices = iteration_prompts(settings.rollouts // settings.samples, len(self.prompt_tokens), self.iteration,
+                                    settings.seed)
         prompts = [self.prompt_tokens[index] for index in indices]
         start = time.perf_counter()
         answers, _, _ = sample_answers(
-            model.policy, prompts, samples=1, sampling=generate.SamplingParams(temperature=settings.temperature),
+            self.policy_of(model), prompts, samples=settings.samples,
+            sampling=generate.SamplingParams(temperature=settings.temperature),
             max_new_tokens=settings.max_new_tokens, eos_id=settings.eos_id, batch_size=settings.sample_batch_size,
             seed=lambda part: part_seed(settings.seed, self.iteration, part), mesh=self.mesh, rules=self.rules,
             saved=lambda part: None, save=lambda part, found, seconds: None, stop=lambda: False)
         sampled = time.perf_counter()
-        scored = score_rollout(model, self.frozen, prompts, answers, self.is_safety[indices], settings, self.mesh,
-                               self.rules)
+        answer_indices = indices[[answer.prompt for answer in answers]]
+        rows, metrics = self.score(model, self.frozen, [self.prompt_tokens[index] for index in answer_indices],
+                                   answers, answer_indices)
         seconds = {"rollout": sampled - start, "scoring": time.perf_counter() - sampled}
         if train_seconds is not None:
             seconds["train"] = train_seconds
-        made = {"iteration": float(self.iteration + 1),
-                **rollout_metrics(scored, seconds, sum(len(answer.tokens) for answer in answers))}
-        self.write(self.iteration, scored.rows, made)
+        made = {"iteration": float(self.iteration + 1), **metrics,
+                **timing_metrics(seconds, sum(len(answer.tokens) for answer in answers))}
+        self.write(self.iteration, rows, made)
         self.last_rollout_end = time.perf_counter()
-        return scored.rows, made
+        return rows, made
+
+    def score_ppo(self, model: nnx.Module, frozen: FrozenModels, prompts: list, answers: list,
+                  indices: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """PPO's scoring: both reward models, the KL-penalised rewards, GAE (`score_rollout`)."""
+        scored = score_rollout(model, frozen, prompts, answers, self.is_safety[indices], self.settings, self.mesh,
+                               self.rules)
+        return scored.rows, rollout_metrics(scored, {}, 0)
 
     def path(self, iteration: int) -> epath.Path:
         return self.directory / "rollouts" / f"iteration_{iteration:05d}.npz"
@@ -304,7 +344,7 @@ class RolloutBatches:
     def read(self, iteration: int) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         path = self.path(iteration)
         if not path.exists():
-            raise FileNotFoundError(f"the checkpoint is in the middle of PPO iteration {iteration + 1}, whose rollout "
+            raise FileNotFoundError(f"the checkpoint is in the middle of iteration {iteration + 1}, whose rollout "
                                     f"{path} is gone; restore the file or remove the workdir's newer checkpoints")
         with np.load(io.BytesIO(path.read_bytes())) as saved:
             return ({name: saved[name] for name in saved.files if name != METRICS_KEY},
