@@ -1,10 +1,8 @@
-"""GRPO configs: `get_config("SIZE")`, SIZE one of tiny, small, 7b, 13b, 34b, 70b.
+"""GRPO configs: `get_config("SIZE")`, SIZE one of tiny, small, 7b, 13b, 34b, 70b, and
+`get_config("SIZE,instructions")` for a program reward on instruction following.
 
     python -m llama2_jax grpo --config=configs/grpo.py:tiny --workdir=runs/grpo
-    python -m llama2_jax grpo --config=configs/grpo.py:tiny --workdir=runs/grpo-gatt \
-        --config.grpo.reward_fn=llama2_jax.data.instructions:follows_instruction \
-        --config.data.dataset=instructed_prompts --config.data.paths="('instructed_prompts.jsonl',)" \
-        --config.data.format=prompts
+    python -m llama2_jax grpo --config=configs/grpo.py:tiny,instructions --workdir=runs/grpo_instructions
     python -m llama2_jax grpo --config=configs/grpo.py:7b --config.init_checkpoint=runs/rejection-7b \
         --config.grpo.helpfulness_rm=runs/rm-h-7b --config.grpo.safety_rm=runs/rm-s-7b --workdir=/data/runs/grpo-7b
 
@@ -17,9 +15,10 @@ paper's PPO value. DeepSeekMath samples G = 64 answers per question; these choos
 prompts per iteration for the same sampling, and keep the Llama 2 paper's PPO sizes: 512 answers
 per iteration (64 prompts of 8) in mini-batches of 64, 200 iterations. The reward is the Llama 2
 paper's combination of the helpfulness and safety reward models (`reward.combine`), or a
-program's (`grpo.reward_fn`): the second command rewards answers that follow the GAtt-style
-instruction its prompts' first user turns end with (llama2_jax/data/instructions.py; such prompts are
-a file of yours, the bundled ones carry none).
+program's (`grpo.reward_fn`): the `instructions` variant rewards answers that follow the GAtt-style
+instruction its prompts' first user turns end with (`llama2_jax.data.instructions:follows_instruction`,
+1 or 0), on prompts that carry one: the bundled `shakespeare_instruction_prompts` for the CPU sizes,
+a dataset of yours (`data.dataset`) for the paper's.
 
 `tiny` starts from the README's rejection-sampling policy (runs/rejection) and scores with its reward
 models (runs/reward_helpfulness, runs/reward_safety), as configs/ppo.py:tiny does, at PPO tiny's
@@ -42,9 +41,12 @@ SCHEDULES = {
 DEMO_MODELS = {"tiny": ("runs/rejection", "runs/reward_helpfulness", "runs/reward_safety")}
 
 
-def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    size, _, variant = arg.partition(",")
     if size not in SCHEDULES:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SCHEDULES)}")
+    if variant not in ("", "instructions"):
+        raise ValueError(f"unknown GRPO variant {variant!r}; the one there is: instructions ({size},instructions)")
     cpu = size in CPU_SIZES
     config = base_config("grpo", size, SCHEDULES[size])
     policy, helpfulness_rm, safety_rm = DEMO_MODELS.get(size, ("runs/sft", "", ""))
@@ -72,4 +74,7 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
         score_batch_size=64,
         eval_prompts=200 if cpu else 0,
     ))
+    if variant == "instructions":
+        config.grpo.reward_fn = "llama2_jax.data.instructions:follows_instruction"
+        config.data.dataset = "shakespeare_instruction_prompts" if cpu else "instruction_prompts"
     return config

@@ -262,12 +262,20 @@ class ShakespearePrompts(_BundledSplits, LocalPrompts):
     BUILDER_CONFIGS = [_demo_config("prompts", SPLIT_FILES)]
 
 
+class ShakespeareInstructionPrompts(_BundledSplits, LocalPrompts):
+    """The demo prompts, each with a Ghost Attention instruction appended (scripts/make_instruction_prompts.py):
+    what a program reward (llama2_jax.data.instructions:follows_instruction) can check answers against."""
+
+    SPLIT_FILES = {"train": "instruction_prompts_train.jsonl", "validation": "instruction_prompts_validation.jsonl"}
+    BUILDER_CONFIGS = [_demo_config("prompts", SPLIT_FILES)]
+
+
 _BUILDER_CLASSES = {"local_text": LocalText, "local_chat": LocalChat, "local_preferences": LocalPreferences,
                     "local_prompts": LocalPrompts}
 # Datasets bundled with the package, built on first use (llama2_jax/assets/demo/README.md).
 BUNDLED = {"shakespeare": Shakespeare, "shakespeare_dialogs": ShakespeareDialogs,
            "shakespeare_helpfulness": ShakespeareHelpfulness, "shakespeare_safety": ShakespeareSafety,
-           "shakespeare_prompts": ShakespearePrompts}
+           "shakespeare_prompts": ShakespearePrompts, "shakespeare_instruction_prompts": ShakespeareInstructionPrompts}
 
 
 @contextlib.contextmanager
