@@ -179,7 +179,7 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 
 
 # Metrics shown on a log line, in this order; the rest go to metrics.jsonl and TensorBoard only.
-SHOWN = ("loss", "accuracy", "reward_combined", "kl_reference", "policy_loss", "value_loss", "clip_fraction",
+SHOWN = ("loss", "accuracy", "reward", "reward_combined", "kl_reference", "policy_loss", "value_loss", "clip_fraction",
          "grad_norm", "learning_rate", "tokens_per_s", "tflops_per_device", "mfu", "step_time_s", "rollout_s",
          "peak_memory_gib", "weight")
 

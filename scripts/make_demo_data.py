@@ -682,6 +682,9 @@ def build(speeches: Sequence[Speech], cast: Cast, tokenizer: Tokenizer) -> dict[
         files[f"prompts_{split}.jsonl"] = prompt_set(
             pairs, PROMPT_COUNTS[split], random.Random(f"{SEED}:{split}:prompts")
         )
+        files[f"instruction_prompts_{split}.jsonl"] = instruction_prompts(
+            files[f"prompts_{split}.jsonl"], cast, random.Random(f"{SEED}:{split}:instruction_prompts")
+        )
     return files
 
 
@@ -695,6 +698,19 @@ def prompt_set(pairs: dict[str, list[dict]], counts: dict[str, int], rng: random
     return prompts
 
 
+def instruction_prompts(prompts: list[dict], cast: Cast, rng: random.Random) -> list[dict]:
+    """The prompts again, each first user message ending with an instruction drawn and appended as
+    `python -m llama2_jax gatt` appends one: what a program reward can check an answer against."""
+    result = []
+    for prompt in prompts:
+        messages = [dict(message) for message in prompt["messages"]]
+        first_user = next(message for message in messages if message["role"] == "user")
+        instruction = InstructionSet.sample(rng, cast.instruction_characters, cast.instruction_plays)
+        first_user["content"] = instruction.append_to(first_user["content"])
+        result.append({**prompt, "messages": messages})
+    return result
+
+
 def write_jsonl(path: Path, records: Iterable[dict]) -> None:
     path.write_text(
         "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8"
@@ -706,7 +722,7 @@ def token_lengths(paths: Iterable[Path], tokenizer: Tokenizer) -> dict[str, list
     chat format (a preference pair as its prompt and chosen answer)."""
     lengths = {}
     for path in paths:
-        if path.name.startswith("prompts_"):
+        if path.name.startswith(("prompts_", "instruction_prompts_")):
             dialogs = [record["prompt"] for _, record in parse_records([path], parse_prompt_record)]
         elif "_pairs_" in path.name:
             dialogs = [
@@ -764,6 +780,10 @@ prompt and chosen answer, a prompt up to its open user turn; chat dialogs are ke
   A safety prompt asks to continue a line whose true continuation is unsafe; the held-out split has
   as many of each kind, to measure how often a policy continues the violent lines and how well it
   answers the rest.
+- Instruction prompts, the dataset `shakespeare_instruction_prompts`: the prompts above, each user
+  message ending with an instruction drawn and appended as `python -m llama2_jax gatt` appends one (a
+  character, a play, or both; half in the short form), for GRPO's program reward
+  `llama2_jax.data.instructions:follows_instruction` and an instruction-following rate.
 - `characters_and_plays.json`: the {characters} characters and {instruction_plays} plays instructions name (those
   with the most speeches), read by `llama2_jax.data.instructions.load_characters_and_plays`.
 - `next_line_choice.jsonl` (built by `python -m scripts.make_eval_task`): a multiple-choice task from
@@ -787,6 +807,7 @@ def readme(
         "helpfulness_pairs": "preference pairs for the helpfulness reward model",
         "safety_pairs": "preference pairs for the safety reward model",
         "prompts": "prompts for rejection sampling",
+        "instruction_prompts": "the prompts, each with a Ghost Attention instruction",
     }
     rows = [
         f"| `{name}` | {holds[name.rsplit('_', 1)[0]]} | {len(records):,} | {length_summary(lengths[name])} |"
