@@ -116,8 +116,8 @@ def test_the_clipped_objective_at_ratio_one_is_the_policy_gradient():
         log_probs = jnp.take_along_axis(jax.nn.log_softmax(logits), batch["targets"][..., None], axis=-1)[..., 0]
         return -jnp.sum(batch["answer_mask"] * batch["advantages"] * log_probs)
 
-    (loss, sums), grads = jax.value_and_grad(ppo, has_aux=True)(params)
-    expected = jax.grad(policy_gradient)(params)
+    (loss, sums), grads = jax.jit(jax.value_and_grad(ppo, has_aux=True))(params)
+    expected = jax.jit(jax.grad(policy_gradient))(params)
     assert float(sums["ratio"] / sums["weight"]) == pytest.approx(1.0, abs=1e-6)
     assert float(sums["clip_fraction"]) == 0 and float(sums["approx_kl"]) == pytest.approx(0, abs=1e-9)
     for got, want in zip(jax.tree.leaves(grads["policy"]), jax.tree.leaves(expected["policy"])):
@@ -138,10 +138,10 @@ def test_one_ppo_step_on_a_fixed_batch_lowers_its_loss_and_each_model_has_its_ow
         total, _ = loss_fn(nnx.merge(graphdef, params), batch)
         return total
 
-    before, grads = jax.value_and_grad(loss)(params)
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    before, grads = jax.jit(jax.value_and_grad(loss))(params)
+    updates, _ = jax.jit(optimizer.update)(grads, optimizer.init(params), params)
     stepped = jax.tree.map(jnp.add, params, updates)
-    assert float(loss(stepped)) < float(before) - 1e-3
+    assert float(jax.jit(loss)(stepped)) < float(before) - 1e-3
     assert all(float(jnp.abs(u).max()) == 0 for u in jax.tree.leaves(updates["value"]))  # value lr 0
     assert any(float(jnp.abs(u).max()) > 0 for u in jax.tree.leaves(updates["policy"]))
 
