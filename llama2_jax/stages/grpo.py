@@ -2,10 +2,7 @@
 prompt answered by a group of G samples whose rewards, relative to the group's, are the advantages.
 
     python -m llama2_jax grpo --config=configs/grpo.py:tiny --workdir=runs/grpo
-    python -m llama2_jax grpo --config=configs/grpo.py:tiny --workdir=runs/grpo-gatt \
-        --config.grpo.reward_fn=llama2_jax.data.instructions:follows_instruction \
-        --config.data.dataset=instructed_prompts --config.data.paths="('instructed_prompts.jsonl',)" \
-        --config.data.format=prompts
+    python -m llama2_jax grpo --config=configs/grpo.py:tiny,instructions --workdir=runs/grpo_instructions
 
 It runs on PPO's machinery (llama2_jax/stages/ppo_rollouts.py): each of `grpo.iterations` iterations
 answers `grpo.rollouts / grpo.group_size` prompts `grpo.group_size` times each from the current
