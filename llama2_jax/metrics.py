@@ -181,13 +181,14 @@ def read_metrics(workdir: str) -> list[dict[str, Any]]:
 # Metrics shown on a log line, in this order; the rest go to metrics.jsonl and TensorBoard only.
 SHOWN = ("loss", "accuracy", "reward", "reward_combined", "kl_reference", "policy_loss", "value_loss", "clip_fraction",
          "grad_norm", "learning_rate", "tokens_per_s", "tflops_per_device", "mfu", "step_time_s", "rollout_s",
-         "peak_memory_gib", "weight")
+         "peak_memory_gib")
 
 
 def format_line(prefix: str, values: Mapping[str, float], eta: float | None = None) -> str:
     """`prefix: loss 2.31, ..., MFU 41.2 %, eta 3m05s`: the numbers a person reads while training."""
     parts = []
-    for name in SHOWN:
+    # Then any task's accuracy (an evaluation's multiple-choice tasks: `eval_<task>_accuracy`).
+    for name in [*SHOWN, *sorted(name for name in values if name.endswith("_accuracy") and name not in SHOWN)]:
         if name not in values:
             continue
         if name == "mfu":

@@ -56,6 +56,8 @@ def answer_with(model, tokenizer, args, samples: int = 1, reward_models: Sequenc
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
 
     def answer(conversations, turn: int) -> list[str]:
+        if jax.process_index() == 0:
+            print(f"turn {turn}: answering {len(conversations)} dialogs, {samples} sampled answers each", flush=True)
         dialogs = [conversation.messages(turn) for conversation in conversations]
         candidates = list(zip(*[answer_dialogs(model, tokenizer, dialogs, max_new_tokens=args.answer_tokens,
                                                sampling=sampling, seed=args.seed + 1000 * turn + 100_000 * sample,
