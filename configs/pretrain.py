@@ -6,7 +6,8 @@
 The paper's sizes carry the paper's recipe (docs/recipe.md): AdamW (0.9, 0.95, eps 1e-5, weight
 decay 0.1), clipping at 1.0, 2000 warmup steps, cosine to 10 % of peak, peak 3e-4 (7B, 13B) or
 1.5e-4 (34B, 70B), 4M-token batches (1024 × 4096) for 2T tokens. `tiny` and `small` learn the
-bundled Shakespeare corpus on a laptop CPU (tiny: about two minutes on two cores).
+bundled Shakespeare corpus on a laptop CPU (tiny: 3 to 4 minutes on two idle
+cores).
 `--help` with this config lists every key, its value and what it means.
 """
 
