@@ -18,6 +18,7 @@ from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama
 from llama2_jax.train import dpo_loss, loop
+from stop_requests import stop_when
 
 TOKENIZER = Tokenizer()
 CONFIG = LlamaConfig.from_preset("tiny", compute_dtype="float32", n_layers=2, vocab_size=64, dim=32, n_heads=2,
@@ -143,20 +144,6 @@ def argv(init, workdir, data, tmp_path, *extra):
             "--config.train.seq_len=64", "--config.train.global_batch_size=8", "--config.train.steps=4",
             "--config.train.eval_every=2", "--config.train.log_every=1", "--config.train.checkpoint_every=1",
             "--config.optimizer.peak_lr=1e-3", *extra]
-
-
-def stop_when(should_stop):
-    class Requests:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        def should_stop(self, step):
-            return should_stop(step)
-
-    return Requests
 
 
 def test_a_run_learns_the_pairs_and_a_stopped_run_resumes_exactly(pretrained, tmp_path, monkeypatch, capsys):

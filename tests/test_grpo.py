@@ -24,6 +24,7 @@ from llama2_jax.reward import combine, score_tokens
 from llama2_jax.stages import grpo, ppo_rollouts
 from llama2_jax.stages.rejection import PromptSet
 from llama2_jax.train import grpo_loss, loop
+from stop_requests import stop_when
 
 TOKENIZER = Tokenizer()
 LINES = ["O, I am slain!", "Out, damned spot!", "Is this a dagger which I see before me,", "Alas, poor Yorick!",
@@ -244,20 +245,6 @@ def test_a_run_trains_on_groups_of_its_own_answers_rewarded_by_the_program(unint
     policy = load_pretrained(workdir, "float32")
     assert isinstance(policy, Llama)
     assert not np.allclose(policy.output.kernel[...], load_pretrained(models / "policy", "float32").output.kernel[...])
-
-
-def stop_when(should_stop):
-    class Requests:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        def should_stop(self, step):
-            return should_stop(step)
-
-    return Requests
 
 
 def test_a_run_stopped_mid_iteration_resumes_to_the_same_rewards_and_losses(models, uninterrupted, tmp_path,

@@ -19,6 +19,7 @@ from llama2_jax.model.llama import ActorCritic, Llama, LlamaRewardModel
 from llama2_jax.reward import combine
 from llama2_jax.stages import ppo_rollouts
 from llama2_jax.train import loop, optim, ppo_loss
+from stop_requests import stop_when
 
 TOKENIZER = Tokenizer()
 LINES = ["O, I am slain!", "Out, damned spot!", "Is this a dagger which I see before me,", "Alas, poor Yorick!",
@@ -234,20 +235,6 @@ def test_the_rollouts_old_log_probs_make_the_first_ratio_one():
     assert np.all(scored.kl[rows["answer_mask"] == 0] == 0) and np.any(scored.kl != 0)
     assert scored.combined.tolist() == pytest.approx(combine(scored.helpfulness, scored.safety,
                                                              [True, False, False, True]).tolist())
-
-
-def stop_when(should_stop):
-    class Requests:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        def should_stop(self, step):
-            return should_stop(step)
-
-    return Requests
 
 
 def test_a_run_stopped_mid_iteration_resumes_to_the_same_rewards_and_losses(models, uninterrupted, tmp_path,

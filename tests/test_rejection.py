@@ -18,6 +18,7 @@ from llama2_jax.sharding import model_arrays
 from llama2_jax.stages import rejection
 from llama2_jax.stages.rejection_phases import Answer
 from llama2_jax.train import loop
+from stop_requests import stop_when
 
 TOKENIZER = Tokenizer()
 LINES = ["O, I am slain!", "Out, damned spot!", "Is this a dagger which I see before me,", "Alas, poor Yorick!",
@@ -96,22 +97,6 @@ def argv(models, workdir, *extra):
             "--config.rejection.max_new_tokens=6", "--config.rejection.batch_size=6",
             "--config.rejection.eval_prompts=2", "--config.train.steps=2", "--config.train.global_batch_size=8",
             "--config.train.seq_len=64", "--config.train.log_every=1", "--config.train.checkpoint_every=1", *extra]
-
-
-def stop_when(should_stop):
-    """A StopRequests whose stop requests come from `should_stop(step)` rather than from signals."""
-
-    class Requests:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return None
-
-        def should_stop(self, step):
-            return should_stop(step)
-
-    return Requests
 
 
 def round_1(workdir):

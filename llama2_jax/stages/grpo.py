@@ -36,15 +36,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama2_jax import storage
-from llama2_jax.data.prompts import split_prompts
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.errors import ConfigError
 from llama2_jax.stages import rejection_files
 from llama2_jax.stages.initial import check_initial_checkpoint, initial_tokenizer, load_initial_model
-from llama2_jax.stages.ppo import Frozen, batch_spec
+from llama2_jax.stages.ppo import Frozen, batch_spec, rollout_prompts
 from llama2_jax.stages.ppo_rollouts import (Answer, FrozenModels, RolloutBatches, Settings, in_chunks,
                                             reward_model_scores, token_log_probs, training_rows)
-from llama2_jax.stages.rejection import PromptSet, check_models_of, encode_prompts
+from llama2_jax.stages.rejection import PromptSet, check_models_of
 from llama2_jax.stages.rejection_phases import answer_held_out
 from llama2_jax.train import grpo_loss, ppo_loss
 from llama2_jax.train.config import model_config_from
@@ -287,19 +286,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     reward_models = {} if grpo.reward_fn else {"grpo.helpfulness_rm": (grpo.helpfulness_rm, "reward"),
                                                "grpo.safety_rm": (grpo.safety_rm, "reward")}
     context = check_models_of(config, tokenizer, reward_models, "grpo.max_new_tokens", grpo.max_new_tokens)
-    budget = min(context, config.train.seq_len) - grpo.max_new_tokens
-    if budget < 1:
-        raise ConfigError(f"train.seq_len {config.train.seq_len} leaves no room for a prompt before "
-                          f"grpo.max_new_tokens {grpo.max_new_tokens}; raise it or lower grpo.max_new_tokens")
-    training = encode_prompts(split_prompts(config.data, config.data.train_split), tokenizer, budget)
-    if not training.indices:
-        raise ValueError(f"none of the {len(training.prompts)} training prompts fits in {budget} tokens; give shorter "
-                         "prompts or raise train.seq_len")
-    held_out = None
-    if grpo.eval_prompts and config.train.eval_every:
-        held_out = encode_prompts(split_prompts(config.data, config.data.eval_split)[:grpo.eval_prompts], tokenizer,
-                                  budget)
-        held_out = held_out if held_out.indices else None
+    training, held_out = rollout_prompts(config, tokenizer, "grpo", context)
     set_steps(config)
     _print(f"GRPO: {grpo.iterations} iterations of {grpo.rollouts // grpo.group_size} prompts x {grpo.group_size} "
            f"answers from {len(training.indices)} training prompts ({training.skipped} too long, skipped), "

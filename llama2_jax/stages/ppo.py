@@ -328,6 +328,29 @@ def _device_memory() -> float:
     return float(stats.get("bytes_limit", 0))
 
 
+def rollout_prompts(config: ml_collections.ConfigDict, tokenizer: Tokenizer, section: str,
+                    context: int) -> tuple[PromptSet, PromptSet | None]:
+    """The training prompts and the held-out ones (None without evaluations) of an on-policy stage
+    whose `section` (ppo, grpo) sets `max_new_tokens` and `eval_prompts`: those that leave room for an
+    answer in `context` and train.seq_len, the others skipped and counted."""
+    settings = config[section]
+    budget = min(context, config.train.seq_len) - settings.max_new_tokens
+    if budget < 1:
+        raise ConfigError(f"train.seq_len {config.train.seq_len} leaves no room for a prompt before "
+                          f"{section}.max_new_tokens {settings.max_new_tokens}; raise it or lower "
+                          f"{section}.max_new_tokens")
+    training = encode_prompts(split_prompts(config.data, config.data.train_split), tokenizer, budget)
+    if not training.indices:
+        raise ValueError(f"none of the {len(training.prompts)} training prompts fits in {budget} tokens; give shorter "
+                         "prompts or raise train.seq_len")
+    held_out = None
+    if settings.eval_prompts and config.train.eval_every:
+        held_out = encode_prompts(split_prompts(config.data, config.data.eval_split)[:settings.eval_prompts],
+                                  tokenizer, budget)
+        held_out = held_out if held_out.indices else None
+    return training, held_out
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """PPO as `config` says in `workdir`, resuming from the newest checkpoint there."""
     check_config(config)
@@ -338,19 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
                                                   "ppo.safety_rm": (ppo.safety_rm, "reward")},
                               "ppo.max_new_tokens", ppo.max_new_tokens)
     check_value_model(config)
-    budget = min(context, config.train.seq_len) - ppo.max_new_tokens
-    if budget < 1:
-        raise ConfigError(f"train.seq_len {config.train.seq_len} leaves no room for a prompt before "
-                          f"ppo.max_new_tokens {ppo.max_new_tokens}; raise it or lower ppo.max_new_tokens")
-    training = encode_prompts(split_prompts(config.data, config.data.train_split), tokenizer, budget)
-    if not training.indices:
-        raise ValueError(f"none of the {len(training.prompts)} training prompts fits in {budget} tokens; give shorter "
-                         "prompts or raise train.seq_len")
-    held_out = None
-    if ppo.eval_prompts and config.train.eval_every:
-        held_out = encode_prompts(split_prompts(config.data, config.data.eval_split)[:ppo.eval_prompts], tokenizer,
-                                  budget)
-        held_out = held_out if held_out.indices else None
+    training, held_out = rollout_prompts(config, tokenizer, "ppo", context)
     set_steps(config)
     mesh = sharding.make_mesh(config.mesh)
     needed = check_memory(config, mesh, tuple(tuple(rule) for rule in config.rules))

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama2_jax.train.losses import Batch, cross_entropy_terms
+from llama2_jax.train.losses import Batch
+from llama2_jax.train.ppo_loss import clipped_policy_loss
 
 # Added to a group's standard deviation: a group whose answers all scored the same gets advantage 0.
 STD_EPS = 1e-6
@@ -50,33 +51,10 @@ def make_grpo_loss(*, clip: float, kl_coef: float):
 
     def grpo_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
-        log_z, target_logit = cross_entropy_terms(logits, batch["targets"])
-        log_probs = target_logit - log_z
-        mask = batch["answer_mask"].astype(jnp.float32)
-
-        log_ratio = log_probs - batch["old_log_probs"]
-        ratio = jnp.exp(log_ratio)
-        advantages = batch["advantages"]
-        policy_loss = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1 - clip, 1 + clip))
+        log_probs, policy_sum, sums = clipped_policy_loss(logits, batch, clip)
         to_reference = batch["reference_log_probs"] - log_probs
-        kl = jnp.expm1(to_reference) - to_reference  # k3, never negative
-
-        def masked_sum(x):
-            return jnp.sum(mask * x)
-
-        policy_sum, kl_sum = masked_sum(policy_loss), masked_sum(kl)
-        probabilities = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
-        entropy = jax.lax.stop_gradient(log_z) - jnp.sum(probabilities * jax.lax.stop_gradient(logits), axis=-1)
-        log_ratio = jax.lax.stop_gradient(log_ratio)
-        sums = {
-            "weight": jnp.sum(mask),
-            "policy_loss": jax.lax.stop_gradient(policy_sum),
-            "kl": jax.lax.stop_gradient(kl_sum),
-            "clip_fraction": masked_sum(jnp.abs(jnp.exp(log_ratio) - 1) > clip),
-            "approx_kl": masked_sum(jnp.expm1(log_ratio) - log_ratio),
-            "entropy": masked_sum(entropy),
-            "ratio": masked_sum(jnp.exp(log_ratio)),
-        }
+        kl_sum = jnp.sum(batch["answer_mask"].astype(jnp.float32) * (jnp.expm1(to_reference) - to_reference))  # k3
+        sums["kl"] = jax.lax.stop_gradient(kl_sum)
         return policy_sum + kl_coef * kl_sum, sums
 
     return grpo_loss

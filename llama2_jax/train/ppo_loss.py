@@ -87,6 +87,32 @@ def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float,
     return advantages.astype(np.float32), ((advantages + values) * mask).astype(np.float32)
 
 
+def clipped_policy_loss(logits: jax.Array, batch: Batch, clip: float) -> tuple[jax.Array, jax.Array, dict]:
+    """The clipped policy term PPO and GRPO share, from the policy's logits on a batch of training rows:
+    the current log-probs of the targets, the policy loss summed over answer tokens, and the sums of
+    what describes the update (`weight`, `policy_loss`, `clip_fraction`, `approx_kl` between the old
+    and the new policy (k3), `entropy`, `ratio`)."""
+    log_z, target_logit = cross_entropy_terms(logits, batch["targets"])
+    log_probs = target_logit - log_z
+    mask = batch["answer_mask"].astype(jnp.float32)
+    log_ratio = log_probs - batch["old_log_probs"]
+    ratio = jnp.exp(log_ratio)
+    advantages = batch["advantages"]
+    policy_sum = jnp.sum(mask * jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1 - clip, 1 + clip)))
+    probabilities = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
+    entropy = jax.lax.stop_gradient(log_z) - jnp.sum(probabilities * jax.lax.stop_gradient(logits), axis=-1)
+    log_ratio = jax.lax.stop_gradient(log_ratio)
+    sums = {
+        "weight": jnp.sum(mask),
+        "policy_loss": jax.lax.stop_gradient(policy_sum),
+        "clip_fraction": jnp.sum(mask * (jnp.abs(jnp.exp(log_ratio) - 1) > clip)),
+        "approx_kl": jnp.sum(mask * (jnp.expm1(log_ratio) - log_ratio)),
+        "entropy": jnp.sum(mask * entropy),
+        "ratio": jnp.sum(mask * jnp.exp(log_ratio)),
+    }
+    return log_probs, policy_sum, sums
+
+
 def make_ppo_loss(*, clip: float, value_clip: float):
     """PPO's loss on an `ActorCritic` and a batch of training rows (see the module docstring), summed
     over answer tokens; `weight` counts them. Sums beside the loss: the policy and value losses,
@@ -95,37 +121,15 @@ def make_ppo_loss(*, clip: float, value_clip: float):
 
     def ppo_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         inputs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"])
-        logits = model.policy(batch["inputs"], **inputs)
-        log_z, target_logit = cross_entropy_terms(logits, batch["targets"])
-        log_probs = target_logit - log_z
+        _, policy_sum, sums = clipped_policy_loss(model.policy(batch["inputs"], **inputs), batch, clip)
         values = model.value.token_scores(batch["inputs"], **inputs)
         mask = batch["answer_mask"].astype(jnp.float32)
-
-        log_ratio = log_probs - batch["old_log_probs"]
-        ratio = jnp.exp(log_ratio)
-        advantages = batch["advantages"]
-        policy_loss = jnp.maximum(-advantages * ratio, -advantages * jnp.clip(ratio, 1 - clip, 1 + clip))
         old_values, returns = batch["old_values"], batch["returns"]
         clipped_values = old_values + jnp.clip(values - old_values, -value_clip, value_clip)
         value_loss = 0.5 * jnp.maximum(jnp.square(values - returns), jnp.square(clipped_values - returns))
-
-        def masked_sum(x):
-            return jnp.sum(mask * x)
-
-        policy_sum, value_sum = masked_sum(policy_loss), masked_sum(value_loss)
-        probabilities = jax.nn.softmax(jax.lax.stop_gradient(logits), axis=-1)
-        entropy = jax.lax.stop_gradient(log_z) - jnp.sum(probabilities * jax.lax.stop_gradient(logits), axis=-1)
-        log_ratio = jax.lax.stop_gradient(log_ratio)
-        sums = {
-            "weight": jnp.sum(mask),
-            "policy_loss": jax.lax.stop_gradient(policy_sum),
-            "value_loss": jax.lax.stop_gradient(value_sum),
-            "clip_fraction": masked_sum(jnp.abs(jnp.exp(log_ratio) - 1) > clip),
-            "value_clip_fraction": masked_sum(jnp.abs(jax.lax.stop_gradient(values) - old_values) > value_clip),
-            "approx_kl": masked_sum(jnp.expm1(log_ratio) - log_ratio),
-            "entropy": masked_sum(entropy),
-            "ratio": masked_sum(jnp.exp(log_ratio)),
-        }
+        value_sum = jnp.sum(mask * value_loss)
+        sums["value_loss"] = jax.lax.stop_gradient(value_sum)
+        sums["value_clip_fraction"] = jnp.sum(mask * (jnp.abs(jax.lax.stop_gradient(values) - old_values) > value_clip))
         return policy_sum + value_sum, sums
 
     return ppo_loss
