@@ -229,7 +229,7 @@ def test_a_run_trains_on_groups_of_its_own_answers_rewarded_by_the_program(unint
     records = logged(workdir)
     steps = [record for record in records if "policy_loss" in record]
     assert [record["step"] for record in steps] == [2, 4]  # one line per iteration of 16 / 8 mini-batches
-    assert steps[0]["kl_reference"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
+    assert steps[0]["kl_reference"] == pytest.approx(0.0, abs=1e-5)  # the policy is still the reference
     for name in ("reward", "reward_group_std", "groups_all_equal", "kl", "clip_fraction", "approx_kl", "entropy",
                  "ratio", "answer_length", "eos_rate", "rollout_s", "scoring_s"):
         assert name in steps[0], name

@@ -119,7 +119,7 @@ def test_the_clipped_objective_at_ratio_one_is_the_policy_gradient():
 
     (loss, sums), grads = jax.jit(jax.value_and_grad(ppo, has_aux=True))(params)
     expected = jax.jit(jax.grad(policy_gradient))(params)
-    assert float(sums["ratio"] / sums["weight"]) == pytest.approx(1.0, abs=1e-6)
+    assert float(sums["ratio"] / sums["weight"]) == pytest.approx(1.0, abs=1e-5)
     assert float(sums["clip_fraction"]) == 0 and float(sums["approx_kl"]) == pytest.approx(0, abs=1e-9)
     for got, want in zip(jax.tree.leaves(grads["policy"]), jax.tree.leaves(expected["policy"])):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
@@ -192,7 +192,7 @@ def test_a_run_trains_on_its_own_rollouts_and_leaves_the_policy_in_its_workdir(u
     first = steps[0]
     # The old log-probs come from the training forward pass: the first mini-batch's ratio is 1. Its
     # log line averages the iteration's two mini-batches, so only the second moves it.
-    assert first["kl_reference"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
+    assert first["kl_reference"] == pytest.approx(0.0, abs=1e-5)  # the policy is still the reference
     for name in ("reward_combined", "reward_helpfulness", "reward_safety", "safety_share", "entropy",
                  "eos_rate", "answer_length", "rollout_s", "scoring_s", "rollout_tokens_per_s", "clip_fraction",
                  "approx_kl", "value_loss"):
@@ -200,7 +200,7 @@ def test_a_run_trains_on_its_own_rollouts_and_leaves_the_policy_in_its_workdir(u
     assert steps[1]["kl_reference"] > 0  # the policy moved
     evaluations = [record for record in records if "eval_reward_combined" in record]
     assert [record["step"] for record in evaluations] == [0, 2, 4]
-    assert evaluations[0]["eval_kl_reference"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluations[0]["eval_kl_reference"] == pytest.approx(0.0, abs=1e-5)
     assert len((uninterrupted / "held_out" / "step_4.jsonl").read_text().splitlines()) == 2
     assert (uninterrupted / "train" / "ppo.png").is_file()
     policy = load_pretrained(uninterrupted, "float32")
