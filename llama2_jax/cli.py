@@ -41,9 +41,11 @@ COMMANDS = {
     "bench": ("llama2_jax.commands.bench", "training and sampling throughput benchmarks"),
     "aot": ("llama2_jax.commands.aot", "compile a stage's training step ahead of time; memory per device"),
     "plot": ("llama2_jax.commands.plot", "draw a run's loss, learning rate, throughput and evaluation figures"),
+    "compare": ("llama2_jax.commands.compare", "policies side by side: held-out reward by both RMs, KL to a reference"),
+    "pipeline": ("llama2_jax.commands.pipeline", "the whole recipe in one command, each stage in its own subdirectory"),
 }
 # Commands that run one process per host on a pod or cluster, and so join the job first.
-MULTI_PROCESS_COMMANDS = (*STAGES, "generate", "score", "bench")
+MULTI_PROCESS_COMMANDS = (*STAGES, "generate", "score", "bench", "pipeline")
 
 
 class UsageError(ValueError):
@@ -112,16 +114,22 @@ def run_stage(argv: Sequence[str], *, command: str, module_name: str) -> int:
         owner = stages.stage_of(config.stage).command
         raise UsageError(f"that config is for the {config.stage} stage; run `python -m llama2_jax {owner}`")
     args = parser.parse_args(rest)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_stage_config(stage, config, args.workdir)
+
+
+def run_stage_config(stage, config, workdir: str) -> int:
+    """What a stage's command does once its config is parsed (also what `pipeline` runs per stage):
+    run it in `workdir`, draw its figures, and 75 if it stopped early with its checkpoint saved."""
     from llama2_jax import storage
 
-    storage.check_filesystem(args.workdir)  # before the data and weights are read, not after
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    result = stage.run(config, args.workdir)
-    draw_figures(args.workdir)
+    storage.check_filesystem(workdir)  # before the data and weights are read, not after
+    result = stage.run(config, workdir)
+    draw_figures(workdir)
     if result.interrupted:
         from llama2_jax.distributed import RESUMABLE_EXIT_STATUS
 
-        print(f"stopped with a checkpoint saved in {args.workdir}; rerun the same command to resume",
+        print(f"stopped with a checkpoint saved in {workdir}; rerun the same command to resume",
               file=sys.stderr)
         return RESUMABLE_EXIT_STATUS
     return 0

@@ -151,9 +151,14 @@ def parse_config_flags(
 
 
 def key_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """What each key of `config` means: the shared sections' docs and its stage's own."""
+    """What each key of `config` means: the shared sections' docs and its stage's own (a pipeline's
+    config: llama2_jax/recipe/steps.py says)."""
     from llama2_jax.train.config import KEY_DOCS
 
+    if "stage" not in config and "config_files" in config:
+        from llama2_jax.recipe.steps import config_docs
+
+        return config_docs(config)
     return {**KEY_DOCS, **stages.stage_module(config.stage).CONFIG_DOCS}
 
 

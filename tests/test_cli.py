@@ -73,7 +73,8 @@ def test_runtime_errors_exit_1_with_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("config_file", CONFIG_FILES, ids=os.path.basename)
 def test_every_config_key_is_documented(config_file):
-    variants = {"sft.py": ("tiny,gatt",), "reward.py": ("tiny,safety", "70b,safety"), "grpo.py": ("tiny,instructions",)}
+    variants = {"sft.py": ("tiny,gatt",), "reward.py": ("tiny,safety", "70b,safety"), "grpo.py": ("tiny,instructions",),
+                "pipeline.py": ("tiny,quick",)}
     for size in ("tiny", "7b", "70b", *variants.get(os.path.basename(config_file), ())):
         config = load_config_file(f"{config_file}:{size}")
         docs = key_docs(config)

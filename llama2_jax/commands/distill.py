@@ -45,11 +45,12 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--safety-rm", help="safety reward model: keep answers it scores above the unprompted ones")
     parser.add_argument("--use-categories", action="store_true",
                         help="add each prompt's risk category and its answer template to the preprompt")
+    parser.add_argument("--limit", type=int, default=0, help="the first N prompts only (0: all)")
     parser.add_argument("--answer-tokens", type=int, default=64, help="longest answer")
     parser.add_argument("--batch-size", type=int, default=64, help="prompts per generation call")
     args = parser.parse_args(argv)
     policy, tokenizer = load_for_sampling(args)
-    prompts = read_prompts(args.prompts)
+    prompts = read_prompts(args.prompts)[: args.limit or None]
     dialogs, categories = [prompt.dialog() for prompt in prompts], [prompt.category for prompt in prompts]
     rng = random.Random(args.seed)
     prompted = [with_preprompt(dialog, preprompt(rng, category if args.use_categories else None))

@@ -98,6 +98,7 @@ def main(argv: Sequence[str]) -> int:
     parser = ArgumentParser(prog="python -m llama2_jax gatt", description=__doc__)
     add_conversation_flags(parser, "gatt_dialogs_train.jsonl", temperature=0.6)
     parser.add_argument("--out", required=True, help="output chat JSONL")
+    parser.add_argument("--limit", type=int, default=0, help="the first N dialogs only (0: all)")
     parser.add_argument("--samples", type=int, default=4,
                         help="answers sampled per turn; the first that follows the instruction is kept")
     parser.add_argument("--reward-models", nargs="+", metavar="RM", default=(),
@@ -108,7 +109,7 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError("--reward-models takes a helpfulness reward model and at most one safety reward model")
     model, tokenizer = load_for_sampling(args)
     reward_models = reward.load_reward_models(args.reward_models, tokenizer, flag="--reward-models")
-    dialogs = conversations(read_dialogs(args.dialogs), args.seed, every_turn=True)
+    dialogs = conversations(read_dialogs(args.dialogs)[: args.limit or None], args.seed, every_turn=True)
     converse(dialogs, answer_with(model, tokenizer, args, args.samples, reward_models), tokenizer,
              model.config.max_seq_len, args.answer_tokens)
     examples = [example for conversation in dialogs for example in training_dialogs(conversation)]

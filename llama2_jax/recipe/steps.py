@@ -1,0 +1,295 @@
+"""The recipe's stages in the paper's order: what each runs, on what, from which earlier stage.
+
+A step is one or more commands of `python -m llama2_jax`, each exactly what a user would type: a
+stage (`sft`, `reward`, ...) on its config section of the pipeline's config, or a command (`gatt`,
+`distill`, `eval`, ...) on flags from its section. A stage's paths to earlier stages'
+outputs are filled here only where its section leaves them empty, so a section may point a stage at
+something else (Meta's weights, reward models trained elsewhere) and the stage then needs nothing
+from the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shlex
+from collections.abc import Callable
+
+import ml_collections
+
+from llama2_jax import config_cli, storage, stages
+
+
+@dataclasses.dataclass(frozen=True)
+class Invocation:
+    """One command: a stage run on `config` in `workdir` (its config read from `config_file`, and
+    changed from it as the flags of `command_line` say), or a command run on `argv`."""
+
+    command: str
+    argv: tuple[str, ...] = ()
+    config: ml_collections.ConfigDict | None = None
+    config_file: str = ""
+    workdir: str = ""
+
+    def command_line(self) -> str:
+        flags = self.argv
+        if self.config is not None:
+            base = config_cli.load_config_file(self.config_file)
+            flags = (f"--config={_relative(self.config_file)}", *config_flags(base, self.config),
+                     f"--workdir={self.workdir}")
+        return " ".join(["python -m llama2_jax", self.command, *map(_shown, flags)])
+
+
+def _shown(argument: str) -> str:
+    """An argument as typed in a shell: paths under the current directory relative to it, quoted
+    in double quotes where it holds single ones (a tuple value)."""
+    flag, equals, value = argument.partition("=") if argument.startswith("--") else ("", "", argument)
+    if os.path.isabs(value) and not os.path.relpath(value).startswith(".."):
+        value = os.path.relpath(value)
+    argument = f"{flag}{equals}{value}"
+    if shlex.quote(argument) != argument and not set('"$`\\!') & set(argument):
+        return f'"{argument}"'
+    return shlex.quote(argument)
+
+
+def _relative(path_spec: str) -> str:
+    path, _, arg = path_spec.partition(":")
+    relative = os.path.relpath(path)
+    return f"{path if relative.startswith('..') else relative}:{arg}" if arg else path
+
+
+def config_flags(base: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
+    """The `--config.KEY=VALUE` flags that turn `base` into `config` (keys whose values differ)."""
+    flags = []
+    for key in config_cli.flat_keys(config):
+        value = config[key]
+        if base[key] != value:
+            text = value if isinstance(value, str) else repr(value)
+            flags.append(f"--config.{key}={text}")
+    return flags
+
+
+def command_flags(section: ml_collections.ConfigDict, **names: str) -> list[str]:
+    """`--flag value` for each key of `section` (`names` renames a key's flag), empty values left out."""
+    flags = []
+    for key, value in section.items():
+        if value in ("", 0, None) and not isinstance(value, bool):
+            continue
+        flags += [f"--{names.get(key, key.replace('_', '-'))}", str(value)]
+    return flags
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What a step runs, the earlier steps whose outputs it reads, and the settings it lacks (shown
+    in its commands as `<config.KEY>`)."""
+
+    invocations: list[Invocation]
+    needs: set[str]
+    missing: tuple[str, ...] = ()
+
+    def key_settings(self) -> str:
+        """A stage's schedule in a few words (the commands show only what differs from its config file)."""
+        settings = []
+        for invocation in self.invocations:
+            if invocation.config is not None:
+                settings.append(_schedule(invocation.config))
+        return "; ".join(settings)
+
+
+# A stage's own keys worth seeing beside its schedule.
+STAGE_KEYS = {"rejection": ("rounds", "samples", "temperature", "max_new_tokens"),
+              "ppo": ("iterations", "rollouts", "kl_coef", "max_new_tokens"), "sft": (), "reward": ("margin",)}
+
+
+def _schedule(config: ml_collections.ConfigDict) -> str:
+    train, optimizer = config.train, config.optimizer
+    length = (f"{train.steps} steps" if train.steps else
+              f"{train.epochs:g} epoch{'' if train.epochs == 1 else 's'}" if train.epochs else "")
+    words = [f"model {config.model.preset}" if "preset" in config.model else "",
+             f"peak lr {optimizer.peak_lr:g}", f"batch {train.global_batch_size} x {train.seq_len}", length]
+    own = config.get(config.stage)
+    words += [f"{key} {own[key]}" for key in STAGE_KEYS.get(config.stage, ()) if own is not None and key in own]
+    return ", ".join(word for word in words if word)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    name: str
+    summary: str
+    plan: Callable[[ml_collections.ConfigDict, Callable[[str], str]], Plan]
+
+
+def stage_plan(name: str, inputs: dict[str, str]) -> Callable:
+    """A stage step: its section as config, each of `inputs` (a dotted key: the step whose directory
+    it reads) filled where the section leaves it empty."""
+
+    def plan(config: ml_collections.ConfigDict, directory: Callable[[str], str]) -> Plan:
+        section = config[name].copy_and_resolve_references()
+        needs = set()
+        for key, step in inputs.items():
+            if not section[key]:
+                path = data_file(directory, step) if step.endswith("_data") else directory(step)
+                with section.ignore_type():
+                    _set(section, key, (path,) if isinstance(section[key], tuple) else path)
+                needs.add(step)
+        if section.data.paths and not section.data.data_dir:
+            # Local files become a tfds dataset in the stage's own directory, so that the same
+            # dataset name built from another workdir's (or checkout's) files never meets it.
+            section.data.data_dir = f"{directory(name)}/tfds"
+        command = stages.stage_of(section.stage).command
+        return Plan([Invocation(command, config=section, config_file=config.config_files[name],
+                                workdir=directory(name))], needs)
+
+    return plan
+
+
+def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+        config = config[parent]
+    config[leaf] = value
+
+
+def data_file(directory: Callable[[str], str], step: str) -> str:
+    """The dialogs a data step writes."""
+    return os.path.join(directory(step), "dialogs.jsonl")
+
+
+def gatt_data(config, directory) -> Plan:
+    section, missing = _required(config, "gatt_data", "dialogs")
+    flags = ["--checkpoint", directory("rejection"), "--reward-models", directory("reward_helpfulness"),
+             directory("reward_safety"), *command_flags(section), "--out", data_file(directory, "gatt_data")]
+    return Plan([Invocation("gatt", tuple(flags))], {"rejection", "reward_helpfulness", "reward_safety"}, missing)
+
+
+def distill_data(config, directory) -> Plan:
+    section, missing = _required(config, "distill_data", "prompts")
+    flags = ["--checkpoint", directory("gatt"), "--safety-rm", directory("reward_safety"), *command_flags(section),
+             "--out", data_file(directory, "distill_data")]
+    return Plan([Invocation("distill", tuple(flags))], {"gatt", "reward_safety"}, missing)
+
+
+def evaluate(config, directory) -> Plan:
+    section, out = config.evaluate, directory("evaluate")
+    invocations = []
+    for model in ("pretrain", "ppo"):
+        if section.dataset:
+            invocations.append(Invocation("eval", ("--checkpoint", directory(model), "--dataset", section.dataset,
+                                                   "--out", os.path.join(out, f"perplexity_{model}.json"))))
+        if section.task:
+            invocations.append(Invocation("eval", ("--checkpoint", directory(model), "--task", section.task,
+                                                   "--out", os.path.join(out, f"task_{model}.json"))))
+    flags = ["--reference", directory("sft")]
+    for policy in POLICIES[1:]:
+        flags += ["--policy", directory(policy)]
+    flags += ["--reward-models", directory("reward_helpfulness"), directory("reward_safety"),
+              "--prompts", section.prompts, "--answer-tokens", str(section.answer_tokens)]
+    flags += ["--instructions", section.instructions] if section.instructions else []
+    invocations.append(Invocation("compare", (*flags, "--out", os.path.join(out, "policies.json"))))
+    return Plan(invocations, {"pretrain", *POLICIES, "reward_helpfulness", "reward_safety"})
+
+
+def chat(config, directory) -> Plan:
+    section, missing = _required(config, "chat", "prompts")
+    flags = ("--checkpoint", directory("ppo"), "--prompts", os.path.join(directory("chat"), "prompts.jsonl"),
+             "--max-new-tokens", str(section.max_new_tokens), "--out", os.path.join(directory("chat"), "answers.jsonl"))
+    return Plan([Invocation("generate", flags)], {"ppo"}, missing)
+
+
+def write_chat_prompts(config: ml_collections.ConfigDict, directory: Callable[[str], str]) -> None:
+    """The chat step's prompts: the first `chat.count` of `chat.prompts`."""
+    with open(config.chat.prompts, encoding="utf-8") as lines:
+        prompts = [line for line in lines if line.strip()][: config.chat.count]
+    target = storage.as_path(directory("chat"))
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "prompts.jsonl").write_text("".join(prompts), encoding="utf-8")
+
+
+def _required(config: ml_collections.ConfigDict, name: str, key: str) -> tuple[ml_collections.ConfigDict, tuple]:
+    """The section, with `<config.NAME.KEY>` standing for a required value it lacks."""
+    section = config[name]
+    if section[key]:
+        return section, ()
+    section = section.copy_and_resolve_references()
+    section[key] = f"<config.{name}.{key}>"
+    return section, (f"{name}.{key}",)
+
+
+# The policies of the recipe, in order: each is compared with the first on the held-out prompts.
+POLICIES = ("sft", "rejection", "gatt", "distill", "ppo")
+
+STEPS = (
+    Step("pretrain", "pretraining: the base model", stage_plan("pretrain", {})),
+    Step("sft", "supervised fine-tuning on dialogs, from pretrain", stage_plan("sft", {"init_checkpoint": "pretrain"})),
+    Step("reward_helpfulness", "the helpfulness reward model, from sft",
+         stage_plan("reward_helpfulness", {"init_checkpoint": "sft"})),
+    Step("reward_safety", "the safety reward model, from sft", stage_plan("reward_safety", {"init_checkpoint": "sft"})),
+    Step("rejection", "rejection sampling from sft, scored by both reward models",
+         stage_plan("rejection", {"init_checkpoint": "sft", "rejection.helpfulness_rm": "reward_helpfulness",
+                                  "rejection.safety_rm": "reward_safety"})),
+    Step("gatt_data", "Ghost Attention dialogs sampled from rejection, reranked by both reward models", gatt_data),
+    Step("gatt", "the Ghost Attention round: rejection fine-tuned on gatt_data",
+         stage_plan("gatt", {"init_checkpoint": "rejection", "data.paths": "gatt_data"})),
+    Step("distill_data", "safety context distillation: gatt's answers under a safety preprompt, kept when safer",
+         distill_data),
+    Step("distill", "gatt fine-tuned on distill_data", stage_plan("distill", {"init_checkpoint": "gatt",
+                                                                              "data.paths": "distill_data"})),
+    Step("ppo", "PPO from distill with both reward models",
+         stage_plan("ppo", {"init_checkpoint": "distill", "ppo.helpfulness_rm": "reward_helpfulness",
+                            "ppo.safety_rm": "reward_safety"})),
+    Step("evaluate", "perplexity and the next-line task; every policy's held-out reward and KL to sft", evaluate),
+    Step("chat", "the final policy answers a few held-out prompts", chat),
+)
+STEP_NAMES = tuple(step.name for step in STEPS)
+
+
+def selected(stages_flag: str) -> list[Step]:
+    """The steps `config.stages` names (all when empty), in the recipe's order."""
+    from llama2_jax.errors import ConfigError
+
+    names = [name.strip() for name in stages_flag.split(",") if name.strip()]
+    unknown = [name for name in names if name not in STEP_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown stage {', '.join(map(repr, unknown))} in config.stages; the stages are "
+                          f"{', '.join(STEP_NAMES)}")
+    return [step for step in STEPS if not names or step.name in names]
+
+
+# What the pipeline's own keys mean (a stage section's keys mean what they do in that stage's config).
+COMMAND_DOCS = {
+    "size": "the model size every stage's config was made for",
+    "stages": f"a comma-separated subset of the stages to run ({', '.join(STEP_NAMES)}); empty: all",
+    "config_files.*": "the config file (and its argument) a stage section was made from; its commands print "
+                      "what differs from it",
+    "gatt_data.dialogs": "multi-turn chat JSONL whose user turns get the instruction (gatt --dialogs)",
+    "gatt_data.limit": "the first N dialogs only (0: all)",
+    "gatt_data.samples": "answers sampled per turn, the best that follows the instruction kept",
+    "gatt_data.answer_tokens": "longest answer per turn",
+    "gatt_data.seed": "which instruction each dialog gets, and the sampling seed",
+    "distill_data.prompts": "JSON lines of adversarial prompts answered under a safety preprompt (distill --prompts)",
+    "distill_data.limit": "the first N prompts only (0: all)",
+    "distill_data.answer_tokens": "longest answer",
+    "distill_data.seed": "which preprompt each prompt gets, and the sampling seed",
+    "evaluate.dataset": "held-out text for perplexity of pretrain and ppo, NAME:SPLIT (empty: none)",
+    "evaluate.task": "a multiple-choice task file for pretrain and ppo (empty: none)",
+    "evaluate.prompts": "held-out prompts every policy answers: a .jsonl file or a dataset's NAME:SPLIT",
+    "evaluate.instructions": "held-out prompts ending with a GAtt instruction, the same way (empty: none)",
+    "evaluate.answer_tokens": "longest answer",
+    "chat.prompts": "JSON lines of prompts, the first chat.count of which the final policy answers",
+    "chat.count": "how many prompts the final policy answers",
+    "chat.max_new_tokens": "longest answer",
+}
+
+
+def config_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """What each key of a pipeline's config means: its own keys, and each stage section's keys as
+    that stage documents them."""
+    docs = {}
+    for key in config_cli.flat_keys(config):
+        section, _, rest = key.partition(".")
+        if isinstance(config.get(section), ml_collections.ConfigDict) and "stage" in config[section]:
+            docs[key] = config_cli.key_docs(config[section]).get(rest, "")
+        else:
+            docs[key] = COMMAND_DOCS.get(key) or COMMAND_DOCS.get(f"{section}.*", "")
+    return docs
