@@ -7,7 +7,9 @@ Builders:  shakespeare            the corpus in llama2_jax/assets, with a held-o
            local_prompts/NAME     JSONL prompts to answer, with a safety flag (see data/prompts.py)
 A dataset prepared in a tfds data_dir by any other means opens by its name (`tfds.builder` reads it
 from its files). Building is automatic on first use, takes seconds and is guarded by a file lock, so
-processes that start together build once and then read the same files.
+processes that start together build once and then read the same files. tfds's own notices about
+these builds (a custom configuration, an unprepared folder, "Downloading and preparing dataset
+Unknown size") are left out: one line says a dataset is being built.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import logging
 import os
 import shutil
 import zlib
@@ -39,6 +42,21 @@ DEFAULT_DATA_DIR = Path("~/.cache/llama2_jax/tensorflow_datasets").expanduser()
 FORMATS = ("text", "jsonl", "chat", "preferences", "prompts")
 _BUILDER_OF_FORMAT = {"text": "local_text", "jsonl": "local_text", "chat": "local_chat",
                       "preferences": "local_preferences", "prompts": "local_prompts"}
+
+
+class _QuietTfdsNotices(logging.Filter):
+    """Drops tfds's warnings that every local dataset triggers and no user can act on: a custom
+    builder config (every local dataset has one), and a version folder without dataset_info.json
+    (tfds's answer to whether a dataset not built yet is prepared, asked before each build). Every
+    other absl record passes."""
+
+    NOTICES = ("Using custom data configuration: %s", "Variant folder %s has no %s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.NOTICES
+
+
+logging.getLogger("absl").addFilter(_QuietTfdsNotices())
 
 
 @dataclasses.dataclass
@@ -66,6 +84,14 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _metadata(self) -> tfds.core.MetadataDict:
         return tfds.core.MetadataDict()
+
+    # tfds announces a download of "Unknown size" and its reuse; nothing is downloaded, and `_prepare`
+    # says in one line what it builds.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
         del dl_manager  # everything is local
@@ -349,6 +375,7 @@ def _prepare(builder_class: type, config: LocalConfig | None, data_dir: str | os
                 shutil.rmtree(builder.data_dir, ignore_errors=True)
                 builder = open_builder()
             if not builder.is_prepared():
+                print(f"building dataset {builder.name}/{builder.builder_config.name} in {data_dir}", flush=True)
                 tfds.display_progress_bar(False)
                 builder.download_and_prepare()
     return builder
