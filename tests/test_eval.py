@@ -175,3 +175,15 @@ def test_eval_command_writes_the_figures(tmp_path, capsys):
     assert figures["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.json")]) == 2
     assert "one of them" in capsys.readouterr().err
+
+
+def test_eval_names_the_flag_of_a_missing_or_bad_input_before_loading_a_model(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text("{broken\n")
+    for flag, path, problem in [("--text", tmp_path / "absent.txt", "no such file or directory; check --text"),
+                                ("--text", tmp_path / "bad.jsonl", "bad.jsonl:1: malformed JSON line"),
+                                ("--task", tmp_path / "absent.jsonl", "no such file or directory; check --task")]:
+        # No checkpoint either: the inputs are read first.
+        assert cli.main(["eval", "--checkpoint", str(tmp_path / "no_model"), flag, str(path),
+                         "--out", str(tmp_path / "out.json")]) == 1
+        error = capsys.readouterr().err
+        assert problem in error and "data." not in error

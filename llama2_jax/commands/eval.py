@@ -43,14 +43,18 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if sum(map(bool, (args.text, args.dataset, args.task))) != 1:
         raise UsageError("give --text or --dataset (perplexity), or --task (multiple choice): one of them")
-    model, tokenizer = load_for_sampling(args)
+    # The inputs are read before the weights, so a wrong path fails at once.
     if args.text or args.dataset:
         documents = (perplexity.read_documents(args.text) if args.text
                      else perplexity.dataset_documents(*args.dataset.partition(":")[::2]))
+    else:
+        examples = multiple_choice.read_task(args.task)
+    model, tokenizer = load_for_sampling(args)
+    if args.text or args.dataset:
         result = perplexity.perplexity(model, tokenizer, documents, batch_size=args.batch_size)
     else:
-        result = multiple_choice.evaluate(model, tokenizer, multiple_choice.read_task(args.task), shots=args.shots,
-                                          seed=args.seed, batch_size=args.batch_size)
+        result = multiple_choice.evaluate(model, tokenizer, examples, shots=args.shots, seed=args.seed,
+                                          batch_size=args.batch_size)
     if jax.process_index() == 0:
         perplexity.write_json(args.out, {"checkpoint": args.checkpoint, **result})
         print(json.dumps(result))

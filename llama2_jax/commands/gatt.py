@@ -34,7 +34,7 @@ from llama2_jax.generate import SamplingParams, answer_dialogs
 
 def read_dialogs(path: str) -> list[list[dict]]:
     """The dialogs of a chat JSONL file (each line checked like a dataset's)."""
-    return [parse_chat_record(record)["messages"] for _, _, record in jsonl_records([path])]
+    return [parse_chat_record(record)["messages"] for _, _, record in jsonl_records([path], named_by="--dialogs")]
 
 
 def conversations(dialogs: Sequence[Sequence[dict]], seed: int, every_turn: bool) -> list[Conversation]:
