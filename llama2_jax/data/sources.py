@@ -407,9 +407,12 @@ def prepared_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tf
     return builder
 
 
-def open_builder(data_config) -> tfds.core.DatasetBuilder:
-    """The builder the `data` config section names: local files (built on first use) or a prepared dataset."""
+def open_builder(data_config, kind: str | None = None) -> tfds.core.DatasetBuilder:
+    """The builder the `data` config section names: local files (built on first use) or a prepared dataset.
+    With the `kind` of data the caller reads, local files of another format are refused before any build."""
     if data_config.paths:
+        if kind is not None:
+            check_format(data_config.format, kind)
         return build_local_dataset(
             data_config.dataset, list(data_config.paths), format=data_config.format,
             data_dir=data_config.data_dir or None, text_field=data_config.text_field,
@@ -421,6 +424,18 @@ def open_builder(data_config) -> tfds.core.DatasetBuilder:
 # The feature that tells a dataset's kind, and the command that trains on that kind.
 KINDS = {"text": ("text", "train"), "chat": ("messages", "sft"), "preferences": ("chosen", "reward"),
          "prompts": ("safety", "rejection")}
+# The kind of dataset local files of each data.format become.
+_KIND_OF_FORMAT = {"text": "text", "jsonl": "text", "chat": "chat", "preferences": "preferences", "prompts": "prompts"}
+
+
+def check_format(format: str, kind: str) -> None:
+    """A DataError naming the right command when local files of `format` are not the `kind` a stage reads."""
+    found = _KIND_OF_FORMAT.get(format)
+    if found in (None, kind):
+        return  # an unknown format is build_local_dataset's error
+    formats = " or ".join(name for name, format_kind in _KIND_OF_FORMAT.items() if format_kind == kind)
+    raise DataError(f"data.format={format}: data.paths hold {found} data, but this stage reads {kind} data "
+                    f"(data.format {formats}); train on {found} data with `python -m llama2_jax {KINDS[found][1]}`")
 
 
 def dataset_kind(builder: tfds.core.DatasetBuilder) -> str | None:
