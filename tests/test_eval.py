@@ -187,3 +187,14 @@ def test_eval_names_the_flag_of_a_missing_or_bad_input_before_loading_a_model(tm
                          "--out", str(tmp_path / "out.json")]) == 1
         error = capsys.readouterr().err
         assert problem in error and "data." not in error
+
+
+def test_off_a_terminal_a_long_batch_loop_prints_a_progress_line_and_a_short_one_none(untrained, monkeypatch, capsys):
+    perplexity.perplexity(untrained, TOKENIZER, DOCUMENTS, batch_size=1)
+    assert capsys.readouterr().err == ""  # done in well under PROGRESS_LINE_SECONDS
+    monkeypatch.setattr("llama2_jax.metrics.PROGRESS_LINE_SECONDS", 0.0)  # every batch is "long"
+    perplexity.perplexity(untrained, TOKENIZER, DOCUMENTS, batch_size=1)
+    lines = capsys.readouterr().err.splitlines()
+    total = lines[-1].split()[1].split("/")[1]
+    assert len(lines) > 1 and all(line.startswith("sequence ") for line in lines)
+    assert lines[-1].startswith(f"sequence {total}/{total} eta 0m00s")

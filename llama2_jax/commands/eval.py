@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import jax
 
-from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
+from llama2_jax.cli import ArgumentParser, UsageError, print_phase, reports_errors
 from llama2_jax.commands.model_flags import load_for_sampling
 from llama2_jax.eval import multiple_choice, perplexity
 
@@ -51,8 +51,11 @@ def main(argv: Sequence[str]) -> int:
         examples = multiple_choice.read_task(args.task)
     model, tokenizer = load_for_sampling(args)
     if args.text or args.dataset:
+        print_phase(f"perplexity of {len(documents)} documents")
         result = perplexity.perplexity(model, tokenizer, documents, batch_size=args.batch_size)
     else:
+        shots = f", {args.shots} shots each" if args.shots else ""
+        print_phase(f"scoring the choices of {len(examples)} questions{shots}")
         result = multiple_choice.evaluate(model, tokenizer, examples, shots=args.shots, seed=args.seed,
                                           batch_size=args.batch_size)
     if jax.process_index() == 0:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import jax
 
-from llama2_jax.cli import ArgumentParser, reports_errors
+from llama2_jax.cli import ArgumentParser, print_phase, reports_errors
 
 # The fields of an input line that hold responses, and the fields their scores go to.
 RESPONSE_FIELDS = {"response": "score", "chosen": "chosen_score", "rejected": "rejected_score"}
@@ -65,6 +65,7 @@ def main(argv: Sequence[str]) -> int:
     records = read_inputs(args.input)
     model, tokenizer = load_with_tokenizer(args.checkpoint, args.tokenizer, args.compute_dtype, param_dtype=args.dtype)
     inputs = [(record, field) for record in records for field in RESPONSE_FIELDS if field in record]
+    print_phase(f"scoring {len(inputs)} responses with {args.checkpoint}")
     scores = score(model, tokenizer, [record["prompt"] for record, _ in inputs],
                    [record[field] for record, field in inputs], batch_size=args.batch_size)
     for (record, field), value in zip(inputs, scores):
