@@ -63,6 +63,15 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message}; see {self.prog} --help")
 
 
+def print_phase(line: str) -> None:
+    """A long command's next phase as it starts (`turn 2: answering 60 dialogs`), printed by process 0
+    at once, so a run off a terminal, where no progress bar is drawn, still shows where it is."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(line, flush=True)
+
+
 def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(lines) or type(error).__name__

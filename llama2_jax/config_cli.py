@@ -2,8 +2,9 @@
 
 The config file is a Python module with `get_config(arg)` returning an ml_collections ConfigDict;
 `path.py:arg` passes `arg`. Each `--config.a.b=value` (or `--config.a.b value`) then sets one
-existing key, parsed to that key's type. The ConfigDict is locked afterwards, and an unknown key is
-an error that names it and the closest valid keys.
+existing key, parsed to that key's type; a key that takes several values also takes one alone
+(`--config.data.paths=file.jsonl` for `"('file.jsonl',)"`). The ConfigDict is locked afterwards,
+and an unknown key is an error that names it and the closest valid keys.
 """
 
 from __future__ import annotations
@@ -72,8 +73,12 @@ def _parse_value(text: str, current: Any, key: str) -> Any:
     except (ValueError, SyntaxError):
         if current is None:
             return text
+        if isinstance(current, tuple) and all(isinstance(item, str) for item in current):
+            return (text,)  # one bare string where a key takes several (data.paths=file.jsonl)
+        example = repr(current) if isinstance(current, tuple) else ""
+        syntax = f"; write it as a Python tuple in quotes, e.g. --config.{key}=\"{example}\"" if example else ""
         raise ConfigError(
-            f"--config.{key}: cannot parse {text!r} as {type(current).__name__}"
+            f"--config.{key}: cannot parse {text!r} as {type(current).__name__}{syntax}"
         ) from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -480,14 +480,14 @@ def complete(
     With `samples` K, K completions per prompt from one prefill each: entry `i * K + j` is prompt
     i's j-th. `batch_size` counts rows (prompts × samples) per call. Batch k samples with seed
     `seed + k`; one copy of the weights in the decoding layout serves every batch."""
-    from llama2_jax.metrics import Progress
+    from llama2_jax.metrics import PROGRESS_LINE_SECONDS, Progress
 
     mesh = mesh or model_mesh(model)
     decoding_state = decoding_layout(model, mesh, rules)
     order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
     prompts_per_batch = max(1, batch_size // samples)
     results: list[Completion | None] = [None] * (len(prompts) * samples)
-    progress = Progress(len(order), unit="prompt")
+    progress = Progress(len(order), unit="prompt", line_seconds=PROGRESS_LINE_SECONDS)
     for batch_number, start in enumerate(range(0, len(order), prompts_per_batch)):
         indices = order[start:start + prompts_per_batch]
         output = generate(model, [prompts[i] for i in indices], max_new_tokens=max_new_tokens,

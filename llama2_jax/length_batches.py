@@ -47,11 +47,11 @@ def map_batches(lengths: Sequence[int], run: Callable[[list[int], int], Sequence
     """`run(indices, rows)` on every length-sorted batch, inside the mesh and rules: it pads the
     sequences at `indices` to `rows` rows, runs the model and returns host arrays of one value per
     row, one array per entry of `dtypes`. Returns those values in the input order, one array each."""
-    from llama2_jax.metrics import Progress
+    from llama2_jax.metrics import PROGRESS_LINE_SECONDS, Progress
 
     rows, batches = batches_by_length(lengths, batch_size, sharding.batch_shard_count(mesh, rules))
     outputs = [np.zeros(len(lengths), dtype) for dtype in dtypes]
-    progress = Progress(len(lengths), unit=unit)
+    progress = Progress(len(lengths), unit=unit, line_seconds=PROGRESS_LINE_SECONDS)
     with sharding.logical_context(mesh, rules):
         for done, indices in enumerate(batches, start=1):
             for output, values in zip(outputs, run(indices, rows), strict=True):

@@ -25,6 +25,8 @@ from llama2_jax import storage
 HISTOGRAM_RANGE = (0.0, 1.0)
 # metrics.jsonl in a bucket is rewritten whole, so not on every logged step of a fast run.
 BUCKET_UPLOAD_SECONDS = 30.0
+# Off a terminal, how often a batch loop (scoring, sampling, likelihoods) prints how far it is.
+PROGRESS_LINE_SECONDS = 10.0
 # Dense bf16 peak per chip, FLOP/s, matched against `jax.Device.device_kind`.
 PEAK_FLOPS_BY_DEVICE_KIND = (
     ("H100", 989.4e12),
@@ -210,13 +212,20 @@ def format_duration(seconds: float) -> str:
 class Progress:
     """A one-line progress bar with a rate and an ETA on a terminal, with log lines printed above
     it; off a terminal there is no bar and log lines are plain lines. Only process 0 prints.
-    Every long loop uses it: training, evaluation, sampling, scoring, data building."""
+    Every long loop uses it: training, evaluation, sampling, scoring, data building.
 
-    def __init__(self, total: int, first: int = 0, *, unit: str = "step", stream: TextIO | None = None):
+    Off a terminal (a notebook, a log file), a loop that logs nothing of its own passes
+    `line_seconds`: the bar's text is then printed as a plain line whenever that long has passed
+    since the last one, so a long loop still shows how far it is and a short one prints nothing.
+    """
+
+    def __init__(self, total: int, first: int = 0, *, unit: str = "step", stream: TextIO | None = None,
+                 line_seconds: float | None = None):
         self._stream = stream or sys.stderr
         self._printing = jax.process_index() == 0
         self._active = self._printing and self._stream.isatty()
         self._total, self._unit = total, unit
+        self._line_seconds, self._last_line = line_seconds, time.perf_counter()
         self.restart_clock(first)
 
     def restart_clock(self, done: int) -> None:
@@ -238,17 +247,29 @@ class Progress:
 
     def update(self, done: int, loss: float | None = None) -> None:
         if not self._active:
+            self._plain_line(done, loss)
             return
         width = 30
         filled = int(width * done / max(self._total, 1))
-        text = f"\r[{'#' * filled}{'.' * (width - filled)}] {self._unit} {done}/{self._total}"
+        self._stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self._status(done, loss)}")
+        self._stream.flush()
+
+    def _status(self, done: int, loss: float | None) -> str:
+        text = f"{self._unit} {done}/{self._total}"
         if loss is not None:
             text += f" loss {loss:.4f}"
         eta = self.eta(done)
         if eta is not None:
             text += f" eta {format_duration(eta)}"
-        self._stream.write(text)
-        self._stream.flush()
+        return text
+
+    def _plain_line(self, done: int, loss: float | None) -> None:
+        if not self._printing or self._line_seconds is None:
+            return
+        now = time.perf_counter()
+        if now - self._last_line >= self._line_seconds:
+            self._last_line = now
+            self.log(self._status(done, loss))
 
     def close(self) -> None:
         if self._active:

@@ -105,6 +105,34 @@ def test_piped_chat_answers_each_turn_and_handles_commands(monkeypatch, capsys, 
     assert tokenizer.decode(prompts[2]) == "[INST] <<SYS>>\nSpeak in verse.\n<</SYS>>\n\nAnd now? [/INST]"
 
 
+def test_a_line_ending_in_a_backslash_continues_the_turn_when_piped(monkeypatch, capsys, with_tokenizer, loaded):
+    turns = recording(monkeypatch)
+    stdin = "Which play is this line from? \\\nThese yellow cowslip cheeks,\n/system Speak \\\nin verse.\nHi\\\n"
+    code, captured = run_chat(monkeypatch, capsys, with_tokenizer, stdin)
+    assert code == 0 and len(turns) == 2 and "(system prompt set" in captured.out
+    _, tokenizer = loaded
+    question = "Which play is this line from?\nThese yellow cowslip cheeks,"
+    assert turns[0][0] == encode_dialog(tokenizer, [{"role": "user", "content": question}]).tokens
+    # A continued /system line sets a two-line system prompt; input that ends mid-turn still sends it.
+    assert turns[1][0] == encode_dialog(tokenizer, [{"role": "system", "content": "Speak\nin verse."},
+                                                    {"role": "user", "content": "Hi"}]).tokens
+
+
+def test_a_continued_turn_prompts_for_its_next_line_interactively():
+    class Session:
+        def __init__(self):
+            self.asked = []
+
+        def answer(self, text):
+            self.asked.append(text)
+
+    session, out = Session(), io.StringIO()
+    chat_cli.run(session, ["Continue this speech: \\\n", "  That their designment halts;\n", "Hi\n"], out,
+                 interactive=True)
+    assert session.asked == ["Continue this speech:\n  That their designment halts;", "Hi"]
+    assert out.getvalue() == "\nyou> ...> llama> \nyou> llama> \nyou> "
+
+
 @pytest.fixture(scope="module")
 def loaded(with_tokenizer):
     args = argparse.Namespace(

@@ -157,3 +157,16 @@ def test_a_local_dataset_whose_files_changed_is_built_again(tmp_path, capsys):
     rebuilt = sources.build_local_dataset("changing", [corpus], data_dir=tmp_path)
     assert [e["text"] for e in examples(rebuilt)] == [b"second, longer version"]
     assert "changed since it was built" in capsys.readouterr().out
+
+
+def test_building_and_reading_a_local_dataset_prints_one_line_and_keeps_real_warnings(tmp_path, capsys, caplog):
+    from absl import logging as absl_logging
+
+    (tmp_path / "doc.txt").write_text("a document")
+    for _ in range(2):  # the build, then a read of what it built
+        sources.build_local_dataset("quiet", [tmp_path / "doc.txt"], data_dir=tmp_path / "tfds")
+    absl_logging.warning("a warning the user can act on")
+    output = capsys.readouterr()
+    assert output.out.splitlines() == [f"building dataset local_text/quiet in {tmp_path / 'tfds'}"]
+    assert [record.getMessage() for record in caplog.records if record.name == "absl"] == [
+        "a warning the user can act on"]

@@ -64,7 +64,11 @@ def test_answers_under_the_preprompt_are_kept_without_it_when_the_safety_model_p
     written = [json.loads(line)["messages"] for line in out.read_text().splitlines()]
     assert written == [[{"role": "user", "content": PROMPTS[index]},
                         {"role": "assistant", "content": f"gentle answer {index}"}] for index in (0, 2)]
-    assert "4 prompts answered with a safety preprompt, 2 scored safer" in capsys.readouterr().out
+    printed = capsys.readouterr().out.splitlines()
+    # Each phase as it starts, then the count.
+    assert printed[:3] == ["answering 4 prompts with a safety preprompt", "answering them without it, to compare",
+                           f"scoring both answers with the safety reward model {checkpoints / 'safety'}"]
+    assert printed[3].startswith("4 prompts answered with a safety preprompt, 2 scored safer")
 
 
 def test_distilled_dialogs_from_a_real_policy_train_without_the_preprompt(checkpoints, tmp_path):

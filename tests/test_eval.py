@@ -175,3 +175,26 @@ def test_eval_command_writes_the_figures(tmp_path, capsys):
     assert figures["perplexity"] == pytest.approx(expected["perplexity"], rel=1e-5)
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.json")]) == 2
     assert "one of them" in capsys.readouterr().err
+
+
+def test_eval_names_the_flag_of_a_missing_or_bad_input_before_loading_a_model(tmp_path, capsys):
+    (tmp_path / "bad.jsonl").write_text("{broken\n")
+    for flag, path, problem in [("--text", tmp_path / "absent.txt", "no such file or directory; check --text"),
+                                ("--text", tmp_path / "bad.jsonl", "bad.jsonl:1: malformed JSON line"),
+                                ("--task", tmp_path / "absent.jsonl", "no such file or directory; check --task")]:
+        # No checkpoint either: the inputs are read first.
+        assert cli.main(["eval", "--checkpoint", str(tmp_path / "no_model"), flag, str(path),
+                         "--out", str(tmp_path / "out.json")]) == 1
+        error = capsys.readouterr().err
+        assert problem in error and "data." not in error
+
+
+def test_off_a_terminal_a_long_batch_loop_prints_a_progress_line_and_a_short_one_none(untrained, monkeypatch, capsys):
+    perplexity.perplexity(untrained, TOKENIZER, DOCUMENTS, batch_size=1)
+    assert capsys.readouterr().err == ""  # done in well under PROGRESS_LINE_SECONDS
+    monkeypatch.setattr("llama2_jax.metrics.PROGRESS_LINE_SECONDS", 0.0)  # every batch is "long"
+    perplexity.perplexity(untrained, TOKENIZER, DOCUMENTS, batch_size=1)
+    lines = capsys.readouterr().err.splitlines()
+    total = lines[-1].split()[1].split("/")[1]
+    assert len(lines) > 1 and all(line.startswith("sequence ") for line in lines)
+    assert lines[-1].startswith(f"sequence {total}/{total} eta 0m00s")

@@ -311,6 +311,23 @@ def test_pairs_told_apart_by_their_last_words_are_learnt_and_scored_alike(pretra
     np.testing.assert_allclose(scored, chosen, atol=1e-6)
 
 
+def test_score_command_prints_its_phase_and_sums_the_scores_up_at_the_end(tmp_path, monkeypatch, capsys):
+    scores = {"A.": 0.9, "B.": 0.2, "C.": 0.3, "D.": 0.4, "E.": 0.5}
+    monkeypatch.setattr("llama2_jax.checkpoint.load.load_with_tokenizer", lambda *args, **keywords: (None, None))
+    monkeypatch.setattr("llama2_jax.reward.score", lambda model, tokenizer, prompts, responses, **keywords:
+                        np.array([scores[response] for response in responses]))
+    write_pairs(tmp_path / "in.jsonl", [{"prompt": "Which?", "chosen": "A.", "rejected": "B."},
+                                        {"prompt": "Which?", "chosen": "C.", "rejected": "D."},
+                                        {"prompt": "Who?", "response": "E."}])
+    assert cli.main(["score", "--checkpoint", "rm", "--input", str(tmp_path / "in.jsonl"),
+                     "--out", str(tmp_path / "out.jsonl")]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "scoring 5 responses with rm", f"wrote 5 scores to {tmp_path / 'out.jsonl'}",
+        "2 pairs: chosen scored above rejected in 1 (accuracy 0.500); mean score 0.600 chosen, 0.300 rejected; "
+        "1 response: mean score 0.500"]
+    assert [json.loads(line).get("chosen_score") for line in open(tmp_path / "out.jsonl")] == [0.9, 0.3, None]
+
+
 class Configured(Exception):
     """Raised instead of training, with the steps the stage would train for."""
 

@@ -271,7 +271,10 @@ def test_gatt_eval_prints_the_recall_of_each_turn(random_policy, tmp_path, monke
     out = tmp_path / "recall.json"
     assert cli.main(["gatt-eval", "--checkpoint", str(random_policy), "--dialogs",
                      str(gatt_dialogs_file(tmp_path / "d.jsonl")), "--out", str(out)]) == 0
-    assert "| 1 | 100 % (2) |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| 1 | 100 % (2) |" in printed
+    # Which model and which turn, as each starts.
+    assert printed.splitlines()[:2] == [f"model 1 of 1: {random_policy}", "turn 1: answering 2 dialogs"]
     recall = json.loads(out.read_text())[str(random_policy)]
     assert recall == {"1": {"followed": 2, "answers": 2}, "2": {"followed": 0, "answers": 2},
                       "3": {"followed": 0, "answers": 1}}

@@ -61,6 +61,14 @@ def test_bad_values_and_files_are_clear_errors():
         parse_config_flags(["--config=configs/pretrain.py:9b"])
 
 
+def test_a_key_of_several_values_takes_one_bare_value_or_shows_the_tuple_syntax():
+    for value in ("corpus/file.jsonl", "/abs/file.jsonl", "'file.jsonl'", "('file.jsonl',)"):
+        config, _ = parse_config_flags(["--config=configs/pretrain.py:tiny", f"--config.data.paths={value}"])
+        assert len(config.data.paths) == 1 and config.data.paths[0].endswith("file.jsonl")
+    with pytest.raises(ConfigError, match=r"cannot parse 'hot' as tuple; .* --config.rejection.temperature=\"\(1.0,\)\""):
+        parse_config_flags(["--config=configs/rejection.py:tiny", "--config.rejection.temperature=hot"])
+
+
 def test_loaded_config_is_locked():
     config, _ = parse_config_flags(["--config=configs/pretrain.py:tiny"])
     with pytest.raises(AttributeError):

@@ -79,6 +79,8 @@ def test_a_chat_dataset_given_to_train_names_the_sft_command(tmp_path, capsys):
     code = cli.main(["train"] + SMALL_RUN + [
         "--config.train.steps=1", f"--config.data.paths=('{chats}',)", "--config.data.format=chat",
         "--config.data.dataset=chats", f"--config.data.data_dir={tmp_path / 'tfds'}", f"--workdir={tmp_path / 'run'}"])
-    error = capsys.readouterr().err
-    assert code == 1 and error.count("\n") == 1
-    assert "holds chat data" in error and "python -m llama2_jax sft" in error
+    output = capsys.readouterr()
+    assert code == 1 and output.err.count("\n") == 1
+    assert "data.format=chat" in output.err and "python -m llama2_jax sft" in output.err
+    # Refused before the files are built into a dataset.
+    assert not (tmp_path / "tfds").exists() and "building dataset" not in output.out

@@ -2,9 +2,16 @@
 
     python -m llama2_jax chat --checkpoint DIR [--system "You are a pirate."]
 
-Each line read from stdin is a user turn; the answer is printed token by token. Commands:
-`/system TEXT` sets the system prompt and starts over, `/reset` starts over, `/exit` (or end of
-input) quits. Input may be piped: `printf 'Hi\\nAnd then?\\n' | python -m llama2_jax chat ...`.
+Each line read from stdin is a user turn; the answer is printed token by token. A line ending in a
+backslash continues the turn on the next line (the backslash dropped, the line break kept), so a
+turn can ask a question and quote a line, as the demo dialogs do:
+
+    you> Which play is this line from? \\
+    ...> These yellow cowslip cheeks,
+
+Commands: `/system TEXT` sets the system prompt and starts over, `/reset` starts over, `/exit` (or
+end of input) quits. Input may be piped, continued lines included:
+`printf 'Hi\\nAnd then?\\n' | python -m llama2_jax chat ...`.
 
 The dialog is encoded in the Llama 2 chat format. When it no longer fits the context with room for
 `--max-new-tokens`, the oldest (user, answer) pairs are dropped, never the system prompt or the
@@ -14,7 +21,7 @@ current message. Sampling defaults to Meta's reference settings: temperature 0.6
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TextIO
 
 from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
@@ -97,17 +104,34 @@ class ChatSession:
         return answer
 
 
-def run(session: ChatSession, lines: Iterable[str], out: TextIO, interactive: bool) -> None:
-    """The read-answer loop over `lines` until /exit or the end of input."""
+def turns(lines: Iterable[str], on_continue: Callable[[], None] = lambda: None) -> Iterator[str]:
+    """The input's lines, each one ending in a backslash joined to the next with the backslash
+    dropped and the line break kept: one turn may span several lines. `on_continue` runs when a
+    turn goes on to another line (to prompt for it)."""
+    pieces: list[str] = []
+    for line in lines:
+        line = line.rstrip()
+        if line.endswith("\\"):
+            pieces.append(line[:-1].rstrip())
+            on_continue()
+            continue
+        yield "\n".join([*pieces, line])
+        pieces = []
+    if pieces:  # the input ended inside a turn: what was typed is still sent
+        yield "\n".join(pieces)
 
-    def prompt() -> None:
+
+def run(session: ChatSession, lines: Iterable[str], out: TextIO, interactive: bool) -> None:
+    """The read-answer loop over the turns of `lines` until /exit or the end of input."""
+
+    def prompt(text: str = "\nyou> ") -> None:
         if interactive:
-            out.write("\nyou> ")
+            out.write(text)
             out.flush()
 
     prompt()
-    for line in lines:
-        text = line.strip()
+    for turn in turns(lines, on_continue=lambda: prompt("...> ")):
+        text = turn.strip()
         if text in ("/exit", "/quit"):
             return
         if text == "/reset":

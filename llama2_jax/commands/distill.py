@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import jax
 
 from llama2_jax.checkpoint.load import load_with_tokenizer
-from llama2_jax.cli import ArgumentParser, reports_errors
+from llama2_jax.cli import ArgumentParser, print_phase, reports_errors
 from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
 from llama2_jax.data.prompts import read_prompts
 from llama2_jax.data.safety import preprompt
@@ -57,12 +57,15 @@ def main(argv: Sequence[str]) -> int:
                 for dialog, category in zip(dialogs, categories)]
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
     generation = dict(max_new_tokens=args.answer_tokens, sampling=sampling, seed=args.seed, batch_size=args.batch_size)
+    print_phase(f"answering {len(prompted)} prompts with a safety preprompt")
     answers = answer_dialogs(policy, tokenizer, prompted, **generation)
     keep = [True] * len(dialogs)
     if args.safety_rm:
         from llama2_jax.reward import score
 
+        print_phase("answering them without it, to compare")
         unprompted = answer_dialogs(policy, tokenizer, dialogs, **generation)
+        print_phase(f"scoring both answers with the safety reward model {args.safety_rm}")
         safety, safety_tokenizer = load_with_tokenizer(args.safety_rm)
         with_scores = score(safety, safety_tokenizer, dialogs, answers)
         without_scores = score(safety, safety_tokenizer, dialogs, unprompted)

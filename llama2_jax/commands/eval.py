@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import jax
 
-from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
+from llama2_jax.cli import ArgumentParser, UsageError, print_phase, reports_errors
 from llama2_jax.commands.model_flags import load_for_sampling
 from llama2_jax.eval import multiple_choice, perplexity
 
@@ -43,14 +43,21 @@ def main(argv: Sequence[str]) -> int:
     args = parser.parse_args(argv)
     if sum(map(bool, (args.text, args.dataset, args.task))) != 1:
         raise UsageError("give --text or --dataset (perplexity), or --task (multiple choice): one of them")
-    model, tokenizer = load_for_sampling(args)
+    # The inputs are read before the weights, so a wrong path fails at once.
     if args.text or args.dataset:
         documents = (perplexity.read_documents(args.text) if args.text
                      else perplexity.dataset_documents(*args.dataset.partition(":")[::2]))
+    else:
+        examples = multiple_choice.read_task(args.task)
+    model, tokenizer = load_for_sampling(args)
+    if args.text or args.dataset:
+        print_phase(f"perplexity of {len(documents)} documents")
         result = perplexity.perplexity(model, tokenizer, documents, batch_size=args.batch_size)
     else:
-        result = multiple_choice.evaluate(model, tokenizer, multiple_choice.read_task(args.task), shots=args.shots,
-                                          seed=args.seed, batch_size=args.batch_size)
+        shots = f", {args.shots} shots each" if args.shots else ""
+        print_phase(f"scoring the choices of {len(examples)} questions{shots}")
+        result = multiple_choice.evaluate(model, tokenizer, examples, shots=args.shots, seed=args.seed,
+                                          batch_size=args.batch_size)
     if jax.process_index() == 0:
         perplexity.write_json(args.out, {"checkpoint": args.checkpoint, **result})
         print(json.dumps(result))

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from llama2_jax import reward
-from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
+from llama2_jax.cli import ArgumentParser, UsageError, print_phase, reports_errors
 from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
 from llama2_jax.data.gatt import Conversation, converse, followed_turns, split_dialog, training_dialogs
 from llama2_jax.data.instructions import DEMO_DATA_DIR, InstructionSet, load_characters_and_plays
@@ -34,7 +34,7 @@ from llama2_jax.generate import SamplingParams, answer_dialogs
 
 def read_dialogs(path: str) -> list[list[dict]]:
     """The dialogs of a chat JSONL file (each line checked like a dataset's)."""
-    return [parse_chat_record(record)["messages"] for _, _, record in jsonl_records([path])]
+    return [parse_chat_record(record)["messages"] for _, _, record in jsonl_records([path], named_by="--dialogs")]
 
 
 def conversations(dialogs: Sequence[Sequence[dict]], seed: int, every_turn: bool) -> list[Conversation]:
@@ -56,8 +56,8 @@ def answer_with(model, tokenizer, args, samples: int = 1, reward_models: Sequenc
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
 
     def answer(conversations, turn: int) -> list[str]:
-        if jax.process_index() == 0:
-            print(f"turn {turn}: answering {len(conversations)} dialogs, {samples} sampled answers each", flush=True)
+        print_phase(f"turn {turn}: answering {len(conversations)} dialogs"
+                    + (f", {samples} sampled answers each" if samples > 1 else ""))
         dialogs = [conversation.messages(turn) for conversation in conversations]
         candidates = list(zip(*[answer_dialogs(model, tokenizer, dialogs, max_new_tokens=args.answer_tokens,
                                                sampling=sampling, seed=args.seed + 1000 * turn + 100_000 * sample,

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import jax
 
-from llama2_jax.cli import ArgumentParser, reports_errors
+from llama2_jax.cli import ArgumentParser, print_phase, reports_errors
 from llama2_jax.commands.gatt import add_conversation_flags, answer_with, conversations, read_dialogs
 from llama2_jax.commands.model_flags import load_for_sampling
 from llama2_jax.data.gatt import converse, recall_by_turn
@@ -48,7 +48,10 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--out", help="also write the table as JSON here")
     args = parser.parse_args(argv)
     checkpoints = args.checkpoint
-    tables = [recall_table(checkpoint, args) for checkpoint in checkpoints]
+    tables = []
+    for number, checkpoint in enumerate(checkpoints, start=1):
+        print_phase(f"model {number} of {len(checkpoints)}: {checkpoint}")
+        tables.append(recall_table(checkpoint, args))
     if jax.process_index() == 0:
         print("attribute recall: answers that follow the first turn's instruction (answers given)")
         print(format_table(checkpoints, tables))

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import jax
 
-from llama2_jax.cli import ArgumentParser, reports_errors
+from llama2_jax.cli import ArgumentParser, print_phase, reports_errors
 from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
 from llama2_jax.data.prompts import read_prompts
 from llama2_jax.generate import SamplingParams, complete
@@ -49,6 +49,7 @@ def main(argv: Sequence[str]) -> int:
         except ValueError as error:
             raise ValueError(f"{args.prompts}: prompt {number}: {error}") from None
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
+    print_phase(f"completing {len(token_ids)} prompts, up to {args.max_new_tokens} tokens each")
     results = complete(model, tokenizer, token_ids, max_new_tokens=args.max_new_tokens, sampling=sampling,
                        seed=args.seed, batch_size=args.batch_size)
     if jax.process_index() == 0:

@@ -9,6 +9,13 @@ Each input line is an object with `"prompt"` (a string, or a dialog ending with 
 text encoded exactly as in training (llama2_jax/reward.py). `--checkpoint` is anything
 `load_pretrained` reads that holds a reward model: a reward workdir, an export of one, or a Hugging
 Face LlamaForSequenceClassification.
+
+At the end a line sums the scores up: for pairs, how many chosen answers score above their rejected
+one (the reward stage's held-out accuracy, on this file) and the mean score of each side; for single
+responses, their mean score. The bundled held-out pairs read as they are:
+
+    python -m llama2_jax score --checkpoint runs/reward_helpfulness \
+        --input llama2_jax/assets/demo/helpfulness_pairs_validation.jsonl --out runs/scored.jsonl
 """
 
 from __future__ import annotations
@@ -18,8 +25,9 @@ import os
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 
-from llama2_jax.cli import ArgumentParser, reports_errors
+from llama2_jax.cli import ArgumentParser, print_phase, reports_errors
 
 # The fields of an input line that hold responses, and the fields their scores go to.
 RESPONSE_FIELDS = {"response": "score", "chosen": "chosen_score", "rejected": "rejected_score"}
@@ -46,6 +54,26 @@ def read_inputs(path: str) -> list[dict]:
     return records
 
 
+def summary(records: Sequence[dict]) -> str:
+    """The scored records in one line: pairs whose chosen answer scores above the rejected one, and
+    the mean score of each side; the mean score of single responses."""
+    parts = []
+    pairs = [record for record in records if "chosen_score" in record]
+    if pairs:
+        above = sum(record["chosen_score"] > record["rejected_score"] for record in pairs)
+        chosen, rejected = (np.mean([record[side] for record in pairs]) for side in ("chosen_score", "rejected_score"))
+        parts.append(f"{_count(len(pairs), 'pair')}: chosen scored above rejected in {above} "
+                     f"(accuracy {above / len(pairs):.3f}); mean score {chosen:.3f} chosen, {rejected:.3f} rejected")
+    responses = [record["score"] for record in records if "score" in record]
+    if responses:
+        parts.append(f"{_count(len(responses), 'response')}: mean score {np.mean(responses):.3f}")
+    return "; ".join(parts)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
 @reports_errors
 def main(argv: Sequence[str]) -> int:
     """CLI entry point."""
@@ -65,6 +93,7 @@ def main(argv: Sequence[str]) -> int:
     records = read_inputs(args.input)
     model, tokenizer = load_with_tokenizer(args.checkpoint, args.tokenizer, args.compute_dtype, param_dtype=args.dtype)
     inputs = [(record, field) for record in records for field in RESPONSE_FIELDS if field in record]
+    print_phase(f"scoring {len(inputs)} responses with {args.checkpoint}")
     scores = score(model, tokenizer, [record["prompt"] for record, _ in inputs],
                    [record[field] for record, field in inputs], batch_size=args.batch_size)
     for (record, field), value in zip(inputs, scores):
@@ -74,4 +103,5 @@ def main(argv: Sequence[str]) -> int:
         with open(args.out, "w", encoding="utf-8") as out:
             out.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         print(f"wrote {len(inputs)} scores to {args.out}")
+        print(summary(records))
     return 0

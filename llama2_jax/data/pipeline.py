@@ -49,7 +49,7 @@ def open_split(data_config: ml_collections.ConfigDict, split: str, *, kind: str)
     """Random-access examples of `split`. `kind` is what the stage reads (`text`, `chat` or
     `preferences`); a dataset of another kind is an error naming the stage that reads it.
     (Pre-tokenized text is read as packed rows instead: tokenized.open_rows, row_batches.py.)"""
-    builder = sources.open_builder(data_config)
+    builder = sources.open_builder(data_config, kind)
     sources.check_kind(builder, kind)
     return sources.data_source(builder, split)
 

@@ -49,14 +49,19 @@ class LineReport:
         return sum(self.skipped.values())
 
 
-def input_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
+# What names a dataset's files. A command that reads files of its own passes its flag as `named_by`,
+# so an error sends the user to that flag, without data.skip_bad_lines, which only datasets have.
+DATA_PATHS = "data.paths"
+
+
+def input_files(paths: Sequence[str | os.PathLike], named_by: str = DATA_PATHS) -> list[Path]:
     """Files named by `paths` (directories expanded), or a DataError when there are none."""
     if not paths:
-        raise DataError("no input files given; set data.paths (files or directories)")
+        raise DataError(f"no input files given; set {named_by} (files or directories)")
     try:
         return expand_text_files(paths)
     except FileNotFoundError as error:
-        raise DataError(f"{error}; check data.paths") from error
+        raise DataError(f"{error}; check {named_by}") from error
 
 
 def text_documents(paths: Sequence[str | os.PathLike], *, document_chars: int = 0,
@@ -88,11 +93,12 @@ def split_at_blank_lines(text: str, document_chars: int) -> list[str]:
 
 
 def jsonl_records(paths: Sequence[str | os.PathLike], *, skip_bad_lines: bool = False,
-                  report: LineReport | None = None) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+                  report: LineReport | None = None,
+                  named_by: str = DATA_PATHS) -> Iterator[tuple[Path, int, dict[str, Any]]]:
     """(file, line number, parsed object) for every non-blank line of the JSONL files."""
     report = report if report is not None else LineReport()
-    for path in input_files(paths):
-        text = _read_non_empty_text(path, skip_bad_lines, report)
+    for path in input_files(paths, named_by):
+        text = _read_non_empty_text(path, skip_bad_lines, report, named_by)
         if text is None:
             continue
         for line_number, line in enumerate(text.splitlines(), start=1):
@@ -106,8 +112,8 @@ def jsonl_records(paths: Sequence[str | os.PathLike], *, skip_bad_lines: bool = 
                 if skip_bad_lines:
                     report.skip(path)
                     continue
-                raise DataError(f"{path}:{line_number}: malformed JSON line ({error}); fix it or set "
-                                "data.skip_bad_lines to skip such lines") from None
+                skip_hint = " or set data.skip_bad_lines to skip such lines" if named_by == DATA_PATHS else ""
+                raise DataError(f"{path}:{line_number}: malformed JSON line ({error}); fix it{skip_hint}") from None
             yield path, line_number, record
 
 
@@ -209,7 +215,8 @@ def parse_preference_record(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _read_non_empty_text(path: Path, skip_bad_lines: bool, report: LineReport) -> str | None:
+def _read_non_empty_text(path: Path, skip_bad_lines: bool, report: LineReport,
+                         named_by: str = DATA_PATHS) -> str | None:
     """The file's text; None for an empty file that is to be skipped (and counted)."""
     text = _read_text(path)
     if text.strip():
@@ -217,7 +224,8 @@ def _read_non_empty_text(path: Path, skip_bad_lines: bool, report: LineReport) -
     if skip_bad_lines:
         report.skip(path)
         return None
-    raise DataError(f"{path}: file is empty; remove it from data.paths or set data.skip_bad_lines")
+    skip_hint = " or set data.skip_bad_lines" if named_by == DATA_PATHS else ""
+    raise DataError(f"{path}: file is empty; remove it from {named_by}{skip_hint}")
 
 
 def _read_text(path: Path) -> str:

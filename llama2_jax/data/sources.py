@@ -7,7 +7,9 @@ Builders:  shakespeare            the corpus in llama2_jax/assets, with a held-o
            local_prompts/NAME     JSONL prompts to answer, with a safety flag (see data/prompts.py)
 A dataset prepared in a tfds data_dir by any other means opens by its name (`tfds.builder` reads it
 from its files). Building is automatic on first use, takes seconds and is guarded by a file lock, so
-processes that start together build once and then read the same files.
+processes that start together build once and then read the same files. tfds's own notices about
+these builds (a custom configuration, an unprepared folder, "Downloading and preparing dataset
+Unknown size") are left out: one line says a dataset is being built.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import dataclasses
 import fcntl
 import functools
 import json
+import logging
 import os
 import shutil
 import zlib
@@ -39,6 +42,21 @@ DEFAULT_DATA_DIR = Path("~/.cache/llama2_jax/tensorflow_datasets").expanduser()
 FORMATS = ("text", "jsonl", "chat", "preferences", "prompts")
 _BUILDER_OF_FORMAT = {"text": "local_text", "jsonl": "local_text", "chat": "local_chat",
                       "preferences": "local_preferences", "prompts": "local_prompts"}
+
+
+class _QuietTfdsNotices(logging.Filter):
+    """Drops tfds's warnings that every local dataset triggers and no user can act on: a custom
+    builder config (every local dataset has one), and a version folder without dataset_info.json
+    (tfds's answer to whether a dataset not built yet is prepared, asked before each build). Every
+    other absl record passes."""
+
+    NOTICES = ("Using custom data configuration: %s", "Variant folder %s has no %s")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg not in self.NOTICES
+
+
+logging.getLogger("absl").addFilter(_QuietTfdsNotices())
 
 
 @dataclasses.dataclass
@@ -66,6 +84,14 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     def _metadata(self) -> tfds.core.MetadataDict:
         return tfds.core.MetadataDict()
+
+    # tfds announces a download of "Unknown size" and its reuse; nothing is downloaded, and `_prepare`
+    # says in one line what it builds.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _split_generators(self, dl_manager: Any) -> dict[str, Iterator]:
         del dl_manager  # everything is local
@@ -349,6 +375,7 @@ def _prepare(builder_class: type, config: LocalConfig | None, data_dir: str | os
                 shutil.rmtree(builder.data_dir, ignore_errors=True)
                 builder = open_builder()
             if not builder.is_prepared():
+                print(f"building dataset {builder.name}/{builder.builder_config.name} in {data_dir}", flush=True)
                 tfds.display_progress_bar(False)
                 builder.download_and_prepare()
     return builder
@@ -380,9 +407,12 @@ def prepared_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tf
     return builder
 
 
-def open_builder(data_config) -> tfds.core.DatasetBuilder:
-    """The builder the `data` config section names: local files (built on first use) or a prepared dataset."""
+def open_builder(data_config, kind: str | None = None) -> tfds.core.DatasetBuilder:
+    """The builder the `data` config section names: local files (built on first use) or a prepared dataset.
+    With the `kind` of data the caller reads, local files of another format are refused before any build."""
     if data_config.paths:
+        if kind is not None:
+            check_format(data_config.format, kind)
         return build_local_dataset(
             data_config.dataset, list(data_config.paths), format=data_config.format,
             data_dir=data_config.data_dir or None, text_field=data_config.text_field,
@@ -394,6 +424,18 @@ def open_builder(data_config) -> tfds.core.DatasetBuilder:
 # The feature that tells a dataset's kind, and the command that trains on that kind.
 KINDS = {"text": ("text", "train"), "chat": ("messages", "sft"), "preferences": ("chosen", "reward"),
          "prompts": ("safety", "rejection")}
+# The kind of dataset local files of each data.format become.
+_KIND_OF_FORMAT = {"text": "text", "jsonl": "text", "chat": "chat", "preferences": "preferences", "prompts": "prompts"}
+
+
+def check_format(format: str, kind: str) -> None:
+    """A DataError naming the right command when local files of `format` are not the `kind` a stage reads."""
+    found = _KIND_OF_FORMAT.get(format)
+    if found in (None, kind):
+        return  # an unknown format is build_local_dataset's error
+    formats = " or ".join(name for name, format_kind in _KIND_OF_FORMAT.items() if format_kind == kind)
+    raise DataError(f"data.format={format}: data.paths hold {found} data, but this stage reads {kind} data "
+                    f"(data.format {formats}); train on {found} data with `python -m llama2_jax {KINDS[found][1]}`")
 
 
 def dataset_kind(builder: tfds.core.DatasetBuilder) -> str | None:

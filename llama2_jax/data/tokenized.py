@@ -198,7 +198,7 @@ def open_rows(data_config: ml_collections.ConfigDict, split: str, tokenizer: Tok
                             f"`python -m llama2_jax data tokenize --seq-len {seq_len}` or set data.pretokenize")
         with sources.build_lock(root.parent):
             if not (root / METADATA_FILE).exists():
-                write_tokenized(sources.open_builder(data_config), tokenizer, root, seq_len=seq_len,
+                write_tokenized(sources.open_builder(data_config, "text"), tokenizer, root, seq_len=seq_len,
                                 packing_bins=data_config.packing_bins or DEFAULT_PACKING_BINS)
     metadata = json.loads((root / METADATA_FILE).read_text())
     _check_metadata(metadata, root, split, tokenizer, seq_len)

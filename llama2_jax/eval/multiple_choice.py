@@ -29,10 +29,11 @@ class Example:
     answer: int
 
 
-def read_task(path: str) -> list[Example]:
-    """The examples of a task file; a bad line is an error naming file and line."""
+def read_task(path: str, named_by: str = "--task") -> list[Example]:
+    """The examples of a task file; a bad line is an error naming file and line, and a missing or
+    empty file one naming `named_by`, the flag or key that gave the path."""
     examples = []
-    for file, line, record in jsonl_records([path]):
+    for file, line, record in jsonl_records([path], named_by=named_by):
         context, choices, answer = record.get("context"), record.get("choices"), record.get("answer")
         where = f"{file}:{line}"
         if not isinstance(context, str):
@@ -114,7 +115,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], *, shots: int = 0, s
 def task_evaluator(paths: Sequence[str], tokenizer, *, shots: int = 0):
     """`Task.model_evals` for these task files: each one's accuracy and accuracy_norm, named by the
     file's stem (`next_line_choice_accuracy`), at every evaluation of a training run."""
-    tasks = {os.path.splitext(os.path.basename(path))[0]: read_task(path) for path in paths}
+    tasks = {os.path.splitext(os.path.basename(path))[0]: read_task(path, "train.eval_tasks") for path in paths}
 
     def evaluate_model(model, mesh, rules) -> dict[str, float]:
         values = {}

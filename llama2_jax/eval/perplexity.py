@@ -20,12 +20,13 @@ from llama2_jax.data.text import next_token_pieces
 from llama2_jax.eval.likelihood import log_likelihoods
 
 
-def read_documents(paths: Sequence[str]) -> list[str]:
-    """Documents of text files (one each) or JSONL files (a `text` field per line)."""
+def read_documents(paths: Sequence[str], named_by: str = "--text") -> list[str]:
+    """Documents of text files (one each) or JSONL files (a `text` field per line); `named_by` is
+    what errors send the user to fix."""
     documents = []
-    for path in input_files(paths):
+    for path in input_files(paths, named_by):
         if path.suffix == ".jsonl":
-            for file, line, record in jsonl_records([path]):
+            for file, line, record in jsonl_records([path], named_by=named_by):
                 if not isinstance(record.get("text"), str):
                     raise DataError(f"{file}:{line}: expected a \"text\" string field")
                 documents.append(record["text"])
