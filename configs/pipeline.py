@@ -44,6 +44,7 @@ import ml_collections
 
 from llama2_jax.config_cli import load_config_file
 from llama2_jax.data.config import DEMO_DATA_DIR
+from llama2_jax.recipe.steps import set_key
 from llama2_jax.train.config import CPU_SIZES
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -69,20 +70,13 @@ FILLED = {
 }
 # tiny: each stage's schedule shortened to fit the whole recipe in about 20 minutes on two CPU cores.
 TINY_SCHEDULES = {
-    "pretrain": {"train.steps": 300, "train.eval_every": 100, "train.checkpoint_every": 100},
-    "sft": {"train.epochs": 0.5},
-    "reward_helpfulness": {"train.epochs": 0.25, "train.eval_every": 0},
-    "reward_safety": {"train.epochs": 0.5, "train.eval_every": 0},
+    "pretrain": {"train.steps": 300},
+    "sft": {"train.eval_every": 1000},  # its two epochs: fewer and the policy follows no GAtt instruction yet
+    "reward_helpfulness": {"train.epochs": 0.25, "train.eval_every": 1000},
+    "reward_safety": {"train.epochs": 0.5, "train.eval_every": 1000},
     "rejection": {"rejection.rounds": 1},
     "ppo": {"ppo.iterations": 16},
 }
-
-
-def set_key(config: ml_collections.ConfigDict, dotted: str, value) -> None:
-    *parents, leaf = dotted.split(".")
-    for parent in parents:
-        config = config[parent]
-    config[leaf] = value
 
 
 def stage_config(name: str, size: str) -> ml_collections.ConfigDict:
@@ -100,7 +94,8 @@ def stage_config(name: str, size: str) -> ml_collections.ConfigDict:
 
 # tiny,quick: every stage a few steps of a two-layer model, to see the whole chain run in minutes (the
 # figures show the mechanics, not learning). The GAtt and distillation rounds train on the bundled
-# held-out dialogs, since so short a policy follows no instruction yet (their data steps still run).
+# held-out dialogs, since so short a policy follows no instruction yet (their data steps still run);
+# rejection sampling, PPO and the evaluation read the 200 held-out demo prompts.
 QUICK_FINE_TUNING = {"model.n_layers": 2, "train.steps": 2, "train.eval_every": 1000, "train.eval_steps": 1,
                      "train.seq_len": 64, "train.global_batch_size": 8}
 QUICK = {
@@ -116,7 +111,10 @@ QUICK = {
             "ppo.batch_size": 8},
     "gatt_data": {"limit": 2, "samples": 2, "answer_tokens": 6},
     "distill_data": {"limit": 8, "answer_tokens": 6},
-    "evaluate": {"answer_tokens": 6, "instructions": ""},
+    **{f"{name}.data": {"dataset": "quick_prompts", "format": "prompts", "holdout_fraction": 0.3,
+                         "paths": (str(DEMO_DATA_DIR / "prompts_validation.jsonl"),)} for name in ("rejection", "ppo")},
+    "evaluate": {"answer_tokens": 6, "instructions": "", "dataset": "",
+                 "prompts": str(DEMO_DATA_DIR / "prompts_validation.jsonl")},
     "chat": {"count": 2, "max_new_tokens": 6},
 }
 

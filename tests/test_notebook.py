@@ -36,11 +36,11 @@ def test_the_notebook_is_stored_without_outputs():
     assert 'REPO_URL = ""' in code_cells(notebook)[0]
 
 
-def test_every_cell_runs_in_order_and_the_run_is_trained_evaluated_and_plotted(tmp_path):
+def test_every_cell_runs_in_order_and_the_run_is_trained_evaluated_plotted_and_the_recipe_runs(tmp_path):
     script = tmp_path / "quickstart.py"
     script.write_text("\n\n".join(code_cells(json.loads(NOTEBOOK.read_text()))))
     completed = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=single_device_environment(),
-                               capture_output=True, text=True, timeout=600, check=False)
+                               capture_output=True, text=True, timeout=1500, check=False)
     assert completed.returncode == 0, completed.stderr[-4000:]
     out = completed.stdout
     assert not (tmp_path / "llama2_jax_repo").exists()  # installed already: nothing cloned
@@ -51,3 +51,6 @@ def test_every_cell_runs_in_order_and_the_run_is_trained_evaluated_and_plotted(t
     for name in FIGURES:
         assert (workdir / name).stat().st_size > 0
         assert f"runs/quickstart/{name}" in out
+    pipeline = tmp_path / "runs" / "pipeline_quick"
+    assert (pipeline / "pipeline.png").stat().st_size > 0 and (pipeline / "chat" / "step.json").is_file()
+    assert "| ppo |" in out and "| all |" in out  # the pipeline's table, printed

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Sequence
 
 import jax
@@ -122,4 +123,7 @@ def main(argv: Sequence[str]) -> int:
         print(f"{len(dialogs)} dialogs, {answered} turns answered with the instruction in every turn, "
               f"{followed} of them in a row following it from the first: wrote {len(examples)} "
               f"training dialogs to {args.out}")
+        if not examples:
+            print("no answer followed the instruction from the first turn: sample more answers per turn (--samples) "
+                  "or start from a policy that follows instructions more often (a longer SFT)", file=sys.stderr)
     return 0

@@ -53,9 +53,10 @@ def _shown(argument: str) -> str:
 
 
 def _relative(path_spec: str) -> str:
-    path, _, arg = path_spec.partition(":")
+    """A config file's `path:arg`, the path relative to the current directory when under it."""
+    path, colon, arg = path_spec.partition(":")
     relative = os.path.relpath(path)
-    return f"{path if relative.startswith('..') else relative}:{arg}" if arg else path
+    return f"{path if relative.startswith('..') else relative}{colon}{arg}"
 
 
 def config_flags(base: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> list[str]:
@@ -64,18 +65,18 @@ def config_flags(base: ml_collections.ConfigDict, config: ml_collections.ConfigD
     for key in config_cli.flat_keys(config):
         value = config[key]
         if base[key] != value:
-            text = value if isinstance(value, str) else repr(value)
+            one_string = isinstance(value, tuple) and len(value) == 1 and isinstance(value[0], str)
+            text = value if isinstance(value, str) else value[0] if one_string else repr(value)
             flags.append(f"--config.{key}={text}")
     return flags
 
 
-def command_flags(section: ml_collections.ConfigDict, **names: str) -> list[str]:
-    """`--flag value` for each key of `section` (`names` renames a key's flag), empty values left out."""
+def command_flags(section: ml_collections.ConfigDict) -> list[str]:
+    """`--key-name value` for each key of `section`, empty values and zeros (the defaults) left out."""
     flags = []
     for key, value in section.items():
-        if value in ("", 0, None) and not isinstance(value, bool):
-            continue
-        flags += [f"--{names.get(key, key.replace('_', '-'))}", str(value)]
+        if value not in ("", 0, None):
+            flags += [f"--{key.replace('_', '-')}", str(value)]
     return flags
 
 
@@ -106,8 +107,7 @@ def _schedule(config: ml_collections.ConfigDict) -> str:
     train, optimizer = config.train, config.optimizer
     length = (f"{train.steps} steps" if train.steps else
               f"{train.epochs:g} epoch{'' if train.epochs == 1 else 's'}" if train.epochs else "")
-    words = [f"model {config.model.preset}" if "preset" in config.model else "",
-             f"peak lr {optimizer.peak_lr:g}", f"batch {train.global_batch_size} x {train.seq_len}", length]
+    words = [f"peak lr {optimizer.peak_lr:g}", f"batch {train.global_batch_size} x {train.seq_len}", length]
     own = config.get(config.stage)
     words += [f"{key} {own[key]}" for key in STAGE_KEYS.get(config.stage, ()) if own is not None and key in own]
     return ", ".join(word for word in words if word)
@@ -131,7 +131,7 @@ def stage_plan(name: str, inputs: dict[str, str]) -> Callable:
             if not section[key]:
                 path = data_file(directory, step) if step.endswith("_data") else directory(step)
                 with section.ignore_type():
-                    _set(section, key, (path,) if isinstance(section[key], tuple) else path)
+                    set_key(section, key, (path,) if isinstance(section[key], tuple) else path)
                 needs.add(step)
         if section.data.paths and not section.data.data_dir:
             # Local files become a tfds dataset in the stage's own directory, so that the same
@@ -144,7 +144,8 @@ def stage_plan(name: str, inputs: dict[str, str]) -> Callable:
     return plan
 
 
-def _set(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+def set_key(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    """`config.a.b = value` for `dotted` "a.b"."""
     *parents, leaf = dotted.split(".")
     for parent in parents:
         config = config[parent]
@@ -172,13 +173,15 @@ def distill_data(config, directory) -> Plan:
 
 def evaluate(config, directory) -> Plan:
     section, out = config.evaluate, directory("evaluate")
+    # The base model: what SFT started from (pretrain's, or weights of yours, as Meta's).
+    base = config.sft.init_checkpoint or directory("pretrain")
     invocations = []
-    for model in ("pretrain", "ppo"):
+    for model, checkpoint in (("pretrain", base), ("ppo", directory("ppo"))):
         if section.dataset:
-            invocations.append(Invocation("eval", ("--checkpoint", directory(model), "--dataset", section.dataset,
+            invocations.append(Invocation("eval", ("--checkpoint", checkpoint, "--dataset", section.dataset,
                                                    "--out", os.path.join(out, f"perplexity_{model}.json"))))
         if section.task:
-            invocations.append(Invocation("eval", ("--checkpoint", directory(model), "--task", section.task,
+            invocations.append(Invocation("eval", ("--checkpoint", checkpoint, "--task", section.task,
                                                    "--out", os.path.join(out, f"task_{model}.json"))))
     flags = ["--reference", directory("sft")]
     for policy in POLICIES[1:]:
@@ -187,7 +190,8 @@ def evaluate(config, directory) -> Plan:
               "--prompts", section.prompts, "--answer-tokens", str(section.answer_tokens)]
     flags += ["--instructions", section.instructions] if section.instructions else []
     invocations.append(Invocation("compare", (*flags, "--out", os.path.join(out, "policies.json"))))
-    return Plan(invocations, {"pretrain", *POLICIES, "reward_helpfulness", "reward_safety"})
+    needs = {*POLICIES, "reward_helpfulness", "reward_safety"} | ({"pretrain"} if base == directory("pretrain") else set())
+    return Plan(invocations, needs)
 
 
 def chat(config, directory) -> Plan:
