@@ -70,12 +70,12 @@ FILLED = {
 }
 # tiny: each stage's schedule shortened to fit the whole recipe in about 20 minutes on two CPU cores.
 TINY_SCHEDULES = {
-    "pretrain": {"train.steps": 300},
-    "sft": {"train.eval_every": 1000},  # its two epochs: fewer and the policy follows no GAtt instruction yet
-    "reward_helpfulness": {"train.epochs": 0.25, "train.eval_every": 1000},
+    "pretrain": {"train.steps": 250},
+    "sft": {"train.epochs": 1.0, "train.eval_every": 1000},
+    "reward_helpfulness": {"train.epochs": 0.2, "train.eval_every": 1000},
     "reward_safety": {"train.epochs": 0.5, "train.eval_every": 1000},
     "rejection": {"rejection.rounds": 1},
-    "ppo": {"ppo.iterations": 16},
+    "ppo": {"ppo.iterations": 12},
 }
 
 
@@ -129,13 +129,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.size = size
     config.stages = ""  # a comma-separated subset to run (llama2_jax/recipe/steps.py names them); empty: all
-    config.config_files = ml_collections.ConfigDict(
-        {name: f"{os.path.join(CONFIG_DIR, file_name)}:{size}{variant}" for name, (file_name, variant) in STAGE_CONFIGS.items()})
+    config.config_files = ml_collections.ConfigDict({name: f"{os.path.join(CONFIG_DIR, file_name)}:{size}{variant}"
+                                                     for name, (file_name, variant) in STAGE_CONFIGS.items()})
     for name in ("pretrain", "sft", "reward_helpfulness", "reward_safety", "rejection"):
         config[name] = stage_config(name, size)
     config.gatt_data = ml_collections.ConfigDict(dict(
         dialogs=str(DEMO_DATA_DIR / "gatt_dialogs_train.jsonl") if demo else "",
-        limit=120 if size == "tiny" else 0, samples=4, answer_tokens=48 if demo else 512, seed=0))
+        # After SFT's one epoch the tiny policy follows an instruction in a few answers of a hundred:
+        # eight samples per turn find some.
+        limit=100 if size == "tiny" else 0, samples=8 if size == "tiny" else 4,
+        answer_tokens=48 if demo else 512, seed=0))
     config.gatt = stage_config("gatt", size)
     config.distill_data = ml_collections.ConfigDict(dict(
         prompts=str(DEMO_DATA_DIR / "safety_pairs_train.jsonl") if demo else "",

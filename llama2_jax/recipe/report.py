@@ -59,7 +59,8 @@ def _pretrain(config, root, policies) -> str | None:
         return None
     records = read_metrics(os.fspath(root / "pretrain"))
     text = f"held-out loss {_first_to_last(records, 'eval_loss')}"
-    tasks = sorted({key for record in records for key in record if key.startswith("eval_") and key.endswith("_accuracy")})
+    tasks = sorted({key for record in records for key in record
+                    if key.startswith("eval_") and key.endswith("_accuracy")})
     return text + "".join(f"; {task[len('eval_'):]} {_first_to_last(records, task, digits=2)}" for task in tasks)
 
 
@@ -88,7 +89,8 @@ def _reward_model(name: str):
 def _rejection(config, root, policies) -> str | None:
     if not (root / "rejection" / "metrics.jsonl").exists():
         return None
-    rounds = [record["eval_reward"] for record in read_metrics(os.fspath(root / "rejection")) if "eval_reward" in record]
+    records = read_metrics(os.fspath(root / "rejection"))
+    rounds = [record["eval_reward"] for record in records if "eval_reward" in record]
     return "held-out R_c " + " → ".join(f"{value:.3f}" for value in rounds) + _kl(policies, "rejection")
 
 

@@ -190,8 +190,8 @@ def evaluate(config, directory) -> Plan:
               "--prompts", section.prompts, "--answer-tokens", str(section.answer_tokens)]
     flags += ["--instructions", section.instructions] if section.instructions else []
     invocations.append(Invocation("compare", (*flags, "--out", os.path.join(out, "policies.json"))))
-    needs = {*POLICIES, "reward_helpfulness", "reward_safety"} | ({"pretrain"} if base == directory("pretrain") else set())
-    return Plan(invocations, needs)
+    needs = {*POLICIES, "reward_helpfulness", "reward_safety"}
+    return Plan(invocations, needs | {"pretrain"} if base == directory("pretrain") else needs)
 
 
 def chat(config, directory) -> Plan:
