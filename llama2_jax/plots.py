@@ -180,7 +180,7 @@ def best_of_k(path: str | os.PathLike, records: Sequence[Mapping[str, Any]]) -> 
              ylabel="reward")
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small")
-    _save(figure, path)
+    save_figure(figure, path)
     return os.fspath(path)
 
 
@@ -198,7 +198,7 @@ def histograms(path: str | os.PathLike, amounts: Mapping[str, Sequence[float]], 
     axis.set(title=title, xlabel=xlabel, ylabel=ylabel, xlim=HISTOGRAM_RANGE)
     axis.legend()
     figure.tight_layout()
-    _save(figure, path)
+    save_figure(figure, path)
 
 
 def _draw_panels(path: str | os.PathLike, panels: Sequence[tuple[str, str, Series]]) -> str:
@@ -218,11 +218,11 @@ def _draw_panels(path: str | os.PathLike, panels: Sequence[tuple[str, str, Serie
         else:
             axis.legend(fontsize="small")
     axes[-1].set_xlabel("step")
-    _save(figure, path)
+    save_figure(figure, path)
     return os.fspath(path)
 
 
-def _save(figure, path: str | os.PathLike) -> None:
+def save_figure(figure, path: str | os.PathLike) -> None:
     """The figure as a PNG at `path`, local or in a bucket (drawn in memory, written once)."""
     png = io.BytesIO()
     figure.savefig(png, format="png", dpi=120)

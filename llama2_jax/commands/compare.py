@@ -42,23 +42,11 @@ def held_out_prompts(spec: str, tokenizer, budget: int):
     return encode_prompts(split_prompts(data, split), tokenizer, budget)
 
 
-def table(figures) -> list[str]:
-    """The figures as a Markdown table, a row per policy."""
-    instructions = any(row.follows_instruction is not None for row in figures)
-    lines = ["| policy | R_c | R_h | R_s | KL to the reference |" + (" follows the instruction |" if instructions else ""),
-             "|---|---|---|---|---|" + ("---|" if instructions else "")]
-    for row in figures:
-        line = (f"| {row.policy} | {row.reward_combined:.3f} | {row.reward_helpfulness:.3f} | "
-                f"{row.reward_safety:.3f} | {row.kl_reference:.2f} |")
-        lines.append(line + (f" {row.follows_instruction:.1%} |" if instructions else ""))
-    return lines
-
-
 @reports_errors
 def main(argv: Sequence[str]) -> int:
     from llama2_jax import reward, sharding
     from llama2_jax.checkpoint.load import load_tokenizer
-    from llama2_jax.eval.policies import compare
+    from llama2_jax.eval.policies import compare, markdown_table
 
     parser = ArgumentParser(prog="python -m llama2_jax compare", description=__doc__)
     parser.add_argument("--reference", required=True, help="the policy every KL is measured to (the SFT model)")
@@ -89,7 +77,8 @@ def main(argv: Sequence[str]) -> int:
                       max_new_tokens=args.answer_tokens, seed=args.seed, mesh=mesh, rules=rules,
                       log=lambda line: log(line, flush=True))
     if jax.process_index() == 0:
+        rows = [row.as_dict() for row in figures]
         with open(args.out, "w", encoding="utf-8") as out:
-            json.dump({"prompts": len(prompts.indices), "policies": [row.as_dict() for row in figures]}, out, indent=1)
-        print("\n".join(table(figures)))
+            json.dump({"prompts": len(prompts.indices), "policies": rows}, out, indent=1)
+        print("\n".join(markdown_table(rows)))
     return 0

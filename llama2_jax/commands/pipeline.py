@@ -21,19 +21,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from llama2_jax.cli import ArgumentParser, reports_errors
+from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
 
 
-def every_stage_mesh(argv: Sequence[str], config_spec: str | None) -> list[str]:
+def every_stage_mesh(argv: Sequence[str], config) -> list[str]:
     """`--config.mesh.KEY=V` (or `--config.mesh.KEY V`) as that flag for each stage section of the
     pipeline's config."""
     import ml_collections
 
-    from llama2_jax import config_cli
-
-    if config_spec is None or not any(arg.startswith("--config.mesh.") for arg in argv):
-        return list(argv)
-    config = config_cli.load_config_file(config_spec)
     stages = [name for name, section in config.items()
               if isinstance(section, ml_collections.ConfigDict) and "mesh" in section]
     result, args = [], iter(argv)
@@ -60,7 +55,10 @@ def main(argv: Sequence[str]) -> int:
         config_cli.print_config_help(argv)
         return 0
     spec, _, _ = config_cli.split_flags(argv, "config")
-    config, rest = config_cli.parse_config_flags(every_stage_mesh(argv, spec))
+    if spec is None:
+        raise UsageError("--config=configs/pipeline.py:SIZE is required")
+    config = config_cli.load_config_file(spec)
+    config, rest = config_cli.parse_overrides(config, every_stage_mesh(argv, config))
     if "config_files" not in config:
         from llama2_jax.errors import ConfigError
 

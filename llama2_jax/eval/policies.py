@@ -83,3 +83,17 @@ def compare(reference: str, policies: Sequence[str], reward_models: Sequence, to
         figures.append(PolicyFigures(path, float(combined.mean()), float(helpfulness.mean()), float(safety.mean()),
                                      float(kl.mean()), followed, [answer_text(tokenizer, a) for a in answers]))
     return figures
+
+
+def markdown_table(rows: Sequence[dict], reference: str = "the reference") -> list[str]:
+    """Policies' figures (`PolicyFigures.as_dict()`, `policy` as it is to be shown) as a Markdown
+    table, a row per policy; the instruction column only where it was measured."""
+    instructions = any(row.get("follows_instruction") is not None for row in rows)
+    lines = [f"| policy | R_c | R_h | R_s | KL to {reference} |" + (" follows the instruction |" if instructions else ""),
+             "|---|---|---|---|---|" + ("---|" if instructions else "")]
+    for row in rows:
+        line = (f"| {row['policy']} | {row['reward_combined']:.3f} | {row['reward_helpfulness']:.3f} | "
+                f"{row['reward_safety']:.3f} | {row['kl_reference']:.2f} |")
+        lines.append(line + (f" {row['follows_instruction']:.1%} |" if instructions else ""))
+    return lines
+

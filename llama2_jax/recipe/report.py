@@ -16,11 +16,12 @@ import os
 import ml_collections
 
 from llama2_jax import storage
+from llama2_jax.data.records import RATING_LEVELS
+from llama2_jax.eval.policies import markdown_table
 from llama2_jax.metrics import format_duration, read_metrics
+from llama2_jax.plots import save_figure
 
 REPORT_FILE, FIGURE_FILE = "report.md", "pipeline.png"
-# A reward model's accuracy per rating level, as the reward stage logs them (levels with no pairs left out).
-LEVELS = ("significantly_better", "better", "slightly_better", "negligibly_better_or_unsure")
 
 
 def write(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
@@ -35,7 +36,7 @@ def write(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     lines.append(f"| all | {format_duration(total)} | |")
     if policies:
         lines += ["", "Every policy on the same held-out prompts (`evaluate`, KL to the SFT model per answer):", "",
-                  *_policy_table(policies)]
+                  *markdown_table([{**row, "policy": name} for name, row in policies.items()], "sft")]
     answers = root / "chat" / "answers.jsonl"
     if answers.exists():
         lines += ["", "The final policy answers (`chat`):", ""]
@@ -79,7 +80,7 @@ def _reward_model(name: str):
         if not (root / name / "metrics.jsonl").exists():
             return None
         last = [record for record in read_metrics(os.fspath(root / name)) if "eval_accuracy" in record][-1]
-        levels = [f"{level.replace('_', ' ')} {last[f'eval_accuracy_{level}']:.2f}" for level in LEVELS
+        levels = [f"{level.replace('_', ' ')} {last[f'eval_accuracy_{level}']:.2f}" for level in RATING_LEVELS
                   if last.get(f"eval_accuracy_{level}_weight", 0) > 0]
         return f"held-out accuracy {last['eval_accuracy']:.3f}" + (f" ({', '.join(levels)})" if levels else "")
 
@@ -164,21 +165,8 @@ def _evaluate(config, root, policies) -> str:
     return "; ".join(parts)
 
 
-def _policy_table(policies) -> list[str]:
-    instructions = any(row.get("follows_instruction") is not None for row in policies.values())
-    lines = ["| policy | R_c | R_h | R_s | KL to sft |" + (" follows the instruction |" if instructions else ""),
-             "|---|---|---|---|---|" + ("---|" if instructions else "")]
-    for name, row in policies.items():
-        line = (f"| {name} | {row['reward_combined']:.3f} | {row['reward_helpfulness']:.3f} | "
-                f"{row['reward_safety']:.3f} | {row['kl_reference']:.2f} |")
-        lines.append(line + (f" {row['follows_instruction']:.1%} |" if instructions else ""))
-    return lines
-
-
 def _figure(root, policies) -> str:
     from matplotlib.figure import Figure
-
-    from llama2_jax.plots import _save
 
     figure = Figure(figsize=(7.2, 4.4), layout="constrained")
     axis = figure.subplots()
@@ -202,7 +190,7 @@ def _figure(root, policies) -> str:
     axis.grid(alpha=0.3, axis="y")
     axis.legend(fontsize="small", loc="lower right")
     path = root / FIGURE_FILE
-    _save(figure, path)
+    save_figure(figure, path)
     return os.fspath(path)
 
 

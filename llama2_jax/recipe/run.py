@@ -95,14 +95,15 @@ def _run_step(step: Step, invocations: list[Invocation], config, directory: Call
         if step.name == "chat":
             write_chat_prompts(config, directory)
     _sync(f"{step.name} prepared")
-    for invocation in invocations:
-        _say(f"$ {invocation.command_line()}")
+    command_lines = [invocation.command_line() for invocation in invocations]
+    for invocation, command_line in zip(invocations, command_lines):
+        _say(f"$ {command_line}")
         code = execute(invocation, step.name)
         if code:
             return code
     _sync(f"{step.name} finished")
     if leader:
-        record = {"seconds": round(time.time() - start, 1), "commands": [i.command_line() for i in invocations]}
+        record = {"seconds": round(time.time() - start, 1), "commands": command_lines}
         (root / step.name / STEP_FILE).write_text(json.dumps(record, indent=1))
     return 0
 
