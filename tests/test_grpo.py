@@ -25,6 +25,7 @@ from llama2_jax.stages import grpo, ppo_rollouts
 from llama2_jax.stages.rejection import PromptSet
 from llama2_jax.train import grpo_loss, loop
 from stop_requests import stop_when
+from tolerances import standardised_tolerance
 
 TOKENIZER = Tokenizer()
 LINES = ["O, I am slain!", "Out, damned spot!", "Is this a dagger which I see before me,", "Alas, poor Yorick!",
@@ -171,7 +172,10 @@ def test_rewards_from_the_reward_models_are_combined_and_the_first_ratio_is_one(
                            for rm in (frozen.helpfulness, frozen.safety))
     combined = combine(helpfulness, safety, prompts.is_safety[indices])
     expected = grpo_loss.group_advantages(combined, indices)
-    assert [row[mask > 0][0] for row, mask in zip(rows["advantages"], rows["answer_mask"])] == pytest.approx(expected)
+    # The scores of two programs agree to 1e-6; standardising divides that by the group's spread.
+    spread = min(float(np.std(combined[indices == group])) for group in set(indices.tolist()))
+    assert [row[mask > 0][0] for row, mask in zip(rows["advantages"], rows["answer_mask"])] == \
+        pytest.approx(expected, abs=standardised_tolerance(1e-6, spread))
     assert metrics["reward"] == pytest.approx(float(combined.mean()), abs=1e-6)
     assert {"reward_helpfulness", "reward_safety", "safety_share", "kl_reference", "eos_rate"} <= set(metrics)
     _, sums = grpo_loss.make_grpo_loss(clip=0.2, kl_coef=0.04)(model, rows)

@@ -20,6 +20,7 @@ from llama2_jax.reward import combine
 from llama2_jax.stages import ppo_rollouts
 from llama2_jax.train import loop, optim, ppo_loss
 from stop_requests import stop_when
+from tolerances import assert_close_at_scale
 
 TOKENIZER = Tokenizer()
 LINES = ["O, I am slain!", "Out, damned spot!", "Is this a dagger which I see before me,", "Alas, poor Yorick!",
@@ -122,7 +123,7 @@ def test_the_clipped_objective_at_ratio_one_is_the_policy_gradient():
     assert float(sums["ratio"] / sums["weight"]) == pytest.approx(1.0, abs=1e-5)
     assert float(sums["clip_fraction"]) == 0 and float(sums["approx_kl"]) == pytest.approx(0, abs=1e-9)
     for got, want in zip(jax.tree.leaves(grads["policy"]), jax.tree.leaves(expected["policy"])):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+        assert_close_at_scale(got, want, rtol=1e-4)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads["value"]))
 
 
