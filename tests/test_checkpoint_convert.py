@@ -195,7 +195,7 @@ def test_convert_casts_and_refuses_to_overwrite(tmp_path):
 def test_package_never_imports_torch_or_transformers():
     code = (
         "import sys, llama2_jax.checkpoint.convert, llama2_jax.checkpoint.load; "
-        "print(sorted(m for m in ('torch', 'transformers', 'safetensors') if m in sys.modules))"
+        "print(sorted(m for m in ('torch', 'transformers', 'safetensors', 'jinja2') if m in sys.modules))"
     )
     output = subprocess.run(
         [sys.executable, "-c", code],

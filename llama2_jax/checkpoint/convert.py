@@ -7,7 +7,10 @@ even then the source is only ever read tensor by tensor.
 
 Every target records what the format can hold of the source: the model kind (a reward model goes to
 hf or orbax only), the compute dtype (hf and orbax; a Meta checkpoint computes in its storage
-dtype) and the tokenizer, copied as `tokenizer.model` when the source has one.
+dtype) and the tokenizer, copied as `tokenizer.model` when the source has one. An hf target also
+gets, with the tokenizer, what transformers reads to tokenize, chat and generate as we do:
+`tokenizer_config.json` (with the Llama 2 chat template), `special_tokens_map.json` and, for a
+language model, `generation_config.json` (hf_tokenizer.py).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
-from llama2_jax.checkpoint import hf, layout, meta, orbax_params
+from llama2_jax.checkpoint import hf, hf_tokenizer, layout, meta, orbax_params
 from llama2_jax.checkpoint.lazy import LazyArray
 from llama2_jax.checkpoint.load import FORMATS, TOKENIZER_FILE, read_checkpoint, tokenizer_file
 from llama2_jax.model.config import LlamaConfig
@@ -48,6 +51,16 @@ def write_checkpoint(
         raise ValueError(f"unknown checkpoint format {format!r}; choose one of {FORMATS}")
 
 
+def copy_tokenizer(
+    tokenizer_path: str, path: str, format: str, config: LlamaConfig, kind: str
+) -> None:
+    """Copy the tokenizer into checkpoint `path` as its `tokenizer.model`; an hf checkpoint also gets
+    the files transformers reads with it (hf_tokenizer.py)."""
+    shutil.copyfile(tokenizer_path, os.path.join(path, TOKENIZER_FILE))
+    if format == "hf":
+        hf_tokenizer.write_tokenizer_files(path, config, kind)
+
+
 def export_model(
     model,
     path: str,
@@ -58,7 +71,7 @@ def export_model(
     max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
 ) -> None:
     """Write a live model's parameters as a `meta`, `hf` or `orbax` checkpoint, one layer at a
-    time, with a copy of `tokenizer_path` as its `tokenizer.model` when given."""
+    time, with `tokenizer_path` when given (`copy_tokenizer`)."""
     arrays = model_arrays(model)
     if format == "orbax":
         orbax_params.save_params(path, model.config, arrays)
@@ -73,7 +86,7 @@ def export_model(
             max_shard_bytes=max_shard_bytes,
         )
     if tokenizer_path:
-        shutil.copyfile(tokenizer_path, os.path.join(path, TOKENIZER_FILE))
+        copy_tokenizer(tokenizer_path, path, format, model.config, layout.kind_of(arrays))
 
 
 def convert(
@@ -103,5 +116,5 @@ def convert(
     )
     tokenizer = tokenizer_file(source, source_format)
     if tokenizer:
-        shutil.copyfile(tokenizer, os.path.join(target, TOKENIZER_FILE))
+        copy_tokenizer(tokenizer, target, target_format, config, layout.kind_of(tensors))
     return config, sum(tensor.nbytes for tensor in tensors.values())

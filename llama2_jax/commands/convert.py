@@ -4,6 +4,10 @@
     python -m llama2_jax convert --from orbax --to meta  runs/tiny/      tiny-meta/ --shards 2
 
 Streams tensor by tensor (llama2_jax/checkpoint/convert.py); needs neither PyTorch nor safetensors.
+The source's `tokenizer.model` goes along; an hf target then also holds `tokenizer_config.json` (with
+the Llama 2 chat template), `special_tokens_map.json` and, for a language model,
+`generation_config.json`, so transformers' `AutoTokenizer`, `apply_chat_template` and `generate`
+work on it as this project does (llama2_jax/checkpoint/hf_tokenizer.py).
 """
 
 from __future__ import annotations
