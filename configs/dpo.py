@@ -11,8 +11,9 @@ its safety rule and its `small` margin table, and the DPO paper's settings (β 0
 1e-6, batches of 64 pairs, one epoch) with this package's AdamW, a 3 % warmup and cosine to 10 %.
 `tiny` starts from the README's SFT model (runs/sft) and trains on the bundled demo pairs
 (shakespeare_helpfulness with half as many again from shakespeare_safety) for a fifth of an epoch
-at a learning rate of 1e-5, in a few minutes on two CPU cores. `--help` with this config lists
-every key.
+at a learning rate of 1e-5, in a few minutes on two CPU cores. Pairs of your own (data.paths, or
+a data.dataset that is neither the demo's nor the paper's) train alone unless `dpo.mix` names
+datasets to mix in. `--help` with this config lists every key.
 """
 
 import ml_collections
@@ -25,8 +26,8 @@ SCHEDULES = {
     **{size: Schedule(peak_lr=1e-6, warmup_steps=5, steps=0, global_batch_size=64, seq_len=4096, epochs=1.0)
        for size in ("7b", "13b", "34b", "70b")},
 }
-PAPER_DATA = ("meta_helpfulness", (("meta_safety", 0.25), ("open_helpfulness", 0.125), ("anthropic_harmless", 0.125)))
-DEMO_DATA = ("shakespeare_helpfulness", (("shakespeare_safety", 0.5),))
+# The datasets mixed in are data.dataset's companions (`dpo.mix` None, llama2_jax/data/companions.py).
+PAPER_DATA, DEMO_DATA = "meta_helpfulness", "shakespeare_helpfulness"
 DEMO_INIT = {"tiny": "runs/sft"}
 
 
@@ -37,14 +38,12 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     config = base_config("dpo", size, SCHEDULES[size])
     config.init_checkpoint = DEMO_INIT.get(size, "")
     config.optimizer.warmup_fraction = 0.03
-    config.model.max_seq_len = max(config.model.max_seq_len, config.train.seq_len)
-    dataset, mix = DEMO_DATA if cpu else PAPER_DATA
-    config.data.dataset = dataset
+    config.data.dataset = DEMO_DATA if cpu else PAPER_DATA
     if cpu:
         config.train.eval_every = 20
         config.train.eval_steps = 0  # the whole held-out split
         config.train.checkpoint_every = 20
     config.dpo = ml_collections.ConfigDict(dict(
-        reference="", beta=0.1, loss="sigmoid", margin="small", safety_rule=True, mix=mix,
+        reference="", beta=0.1, loss="sigmoid", margin="small", safety_rule=True, mix=None,
         frozen_dtype="float32" if cpu else "bfloat16"))
     return config

@@ -92,11 +92,12 @@ def stage_config(name: str, size: str) -> ml_collections.ConfigDict:
     return config
 
 
-# tiny,quick: every stage a few steps of a two-layer model, to see the whole chain run in minutes (the
-# figures show the mechanics, not learning). The GAtt and distillation rounds train on the bundled
-# held-out dialogs, since so short a policy follows no instruction yet (their data steps still run);
-# rejection sampling, PPO and the evaluation read the 200 held-out demo prompts.
-QUICK_FINE_TUNING = {"model.n_layers": 2, "train.steps": 2, "train.eval_every": 1000, "train.eval_steps": 1,
+# tiny,quick: every stage a few steps of a two-layer model (pretraining's, which every later stage
+# starts from), to see the whole chain run in minutes (the figures show the mechanics, not
+# learning). The GAtt and distillation rounds train on the bundled held-out dialogs, since so short
+# a policy follows no instruction yet (their data steps still run); rejection sampling, PPO and the
+# evaluation read the 200 held-out demo prompts.
+QUICK_FINE_TUNING = {"train.steps": 2, "train.eval_every": 1000, "train.eval_steps": 1,
                      "train.seq_len": 64, "train.global_batch_size": 8}
 QUICK = {
     "pretrain": {"model.n_layers": 2, "train.steps": 4, "train.seq_len": 64, "train.eval_every": 4,
@@ -106,7 +107,7 @@ QUICK = {
     **{f"{name}.data.paths": (str(DEMO_DATA_DIR / "dialogs_validation.jsonl"),) for name in ("gatt", "distill")},
     "rejection": {**QUICK_FINE_TUNING, "train.eval_every": 0, "rejection.rounds": 1, "rejection.samples": 2,
                   "rejection.max_new_tokens": 6, "rejection.eval_prompts": 8},
-    "ppo": {"model.n_layers": 2, "train.global_batch_size": 8, "train.eval_every": 2, "train.checkpoint_every": 1,
+    "ppo": {"train.global_batch_size": 8, "train.eval_every": 2, "train.checkpoint_every": 1,
             "ppo.iterations": 2, "ppo.rollouts": 16, "ppo.max_new_tokens": 6, "ppo.eval_prompts": 8,
             "ppo.batch_size": 8},
     "gatt_data": {"limit": 2, "samples": 2, "answer_tokens": 6},

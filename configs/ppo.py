@@ -45,7 +45,6 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     policy, helpfulness_rm, safety_rm = DEMO_MODELS.get(size, ("runs/sft", "", ""))
     config.init_checkpoint = policy
     config.optimizer.end_lr_fraction = 1.0  # a constant learning rate
-    config.model.max_seq_len = max(config.model.max_seq_len, config.train.seq_len)
     config.data.dataset = "shakespeare_prompts" if cpu else "rlhf_prompts"
     config.train.eval_every = 32 if cpu else 50  # steps: every 8 iterations of tiny
     config.train.checkpoint_every = 32 if cpu else 50

@@ -5,9 +5,10 @@
 
 The paper's sizes carry the paper's recipe (docs/recipe.md): AdamW (0.9, 0.95, eps 1e-5, weight
 decay 0.1), clipping at 1.0, 2000 warmup steps, cosine to 10 % of peak, peak 3e-4 (7B, 13B) or
-1.5e-4 (34B, 70B), 4M-token batches (1024 × 4096) for 2T tokens. `tiny` and `small` learn the
-bundled Shakespeare corpus on a laptop CPU (tiny: 3 to 4 minutes on two idle
-cores).
+1.5e-4 (34B, 70B), 4M-token batches (1024 × 4096) for 2T tokens. The paper's corpus is Meta's: give yours as
+`--config.data.dataset` (a dataset prepared with `python -m llama2_jax data build`) or
+`--config.data.paths`. `tiny` and `small` learn the bundled Shakespeare corpus on a laptop CPU
+(tiny: 3 to 4 minutes on two idle cores).
 `--help` with this config lists every key, its value and what it means.
 """
 
@@ -35,6 +36,8 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     config = base_config("pretrain", size, SCHEDULES[size])
     if size in CPU_SIZES:  # the bundled multiple-choice task: real next lines against shuffled ones
         config.train.eval_tasks = (str(DEMO_DATA_DIR / "next_line_choice.jsonl"),)
+    if size not in CPU_SIZES:
+        config.data.dataset = ""  # the paper's 2T tokens are Meta's: the corpus is yours to give
     config.train.sample_prompt = "ROMEO:" if size in CPU_SIZES else ""
     config.train.sample_length = 64
     return config

@@ -42,7 +42,6 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
     policy, helpfulness_rm, safety_rm = DEMO_MODELS.get(size, ("", "", ""))
     config.init_checkpoint = policy
     config.optimizer.warmup_fraction = 0.03
-    config.model.max_seq_len = max(config.model.max_seq_len, config.train.seq_len)
     config.data.dataset = "shakespeare_prompts" if cpu else "rlhf_prompts"
     config.train.eval_every = 0  # the held-out prompts are answered and scored instead (rejection.eval_prompts)
     if cpu:

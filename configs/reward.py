@@ -9,7 +9,9 @@ for the safety model; SIZE is tiny, small, 7b, 13b, 34b or 70b.
 The paper's sizes carry the paper's recipe (docs/recipe.md): from the chat model, 1 epoch, peak LR
 1e-5 (5e-6 for 70B), cosine to 10 % of peak, warmup 3 % of the steps (at least 5), batches of 512
 pairs, the `small` margin table (which table the final models use is open). Their data is the
-paper's mix, as shares of the pairs drawn:
+paper's mix, as shares of the pairs drawn (`reward.mix` None: the companions of data.dataset,
+llama2_jax/data/companions.py; a data.dataset of your own, or files in data.paths, train alone unless
+`reward.mix` names datasets to mix in):
 
     helpfulness  meta_helpfulness 0.5, meta_safety 0.25, open_helpfulness 0.125, anthropic_harmless 0.125
     safety       meta_safety 0.45, anthropic_harmless 0.45, meta_helpfulness 0.05, open_helpfulness 0.05
@@ -42,18 +44,10 @@ SCHEDULES = {
                       seq_len=4096, epochs=1.0)
        for size in ("7b", "13b", "34b", "70b")},
 }
-# model: (data.dataset, the other datasets and their shares of the pairs drawn, the safety auxiliary
-# loss's weight).
-PAPER_DATA = {
-    "helpfulness": ("meta_helpfulness",
-                    (("meta_safety", 0.25), ("open_helpfulness", 0.125), ("anthropic_harmless", 0.125)), 0.0),
-    "safety": ("meta_safety",
-               (("anthropic_harmless", 0.45), ("meta_helpfulness", 0.05), ("open_helpfulness", 0.05)), 1.0),
-}
-DEMO_DATA = {
-    "helpfulness": ("shakespeare_helpfulness", (("shakespeare_safety", 0.5),), 0.0),
-    "safety": ("shakespeare_safety", (("shakespeare_helpfulness", 0.1),), 1.0),
-}
+# model: (data.dataset, the safety auxiliary loss's weight). The datasets mixed in are data.dataset's
+# companions (llama2_jax/data/companions.py), so they follow the data, not the config.
+PAPER_DATA = {"helpfulness": ("meta_helpfulness", 0.0), "safety": ("meta_safety", 1.0)}
+DEMO_DATA = {"helpfulness": ("shakespeare_helpfulness", 0.0), "safety": ("shakespeare_safety", 1.0)}
 # The fine-tuning run each CPU size starts from: what `python -m llama2_jax sft` writes for it.
 DEMO_INIT = {"tiny": "runs/sft"}
 
@@ -68,14 +62,12 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config = base_config("reward", size, SCHEDULES[size])
     config.init_checkpoint = DEMO_INIT.get(size, "")
     config.optimizer.warmup_fraction = 0.03
-    # The reward model's context is what it is trained on, so it scores longer inputs as it was trained to.
-    config.model.max_seq_len = config.train.seq_len
-    dataset, mix, safety_aux_weight = (DEMO_DATA if size in CPU_SIZES else PAPER_DATA)[model]
+    dataset, safety_aux_weight = (DEMO_DATA if size in CPU_SIZES else PAPER_DATA)[model]
     config.data.dataset = dataset
     if size in CPU_SIZES:
         config.train.eval_every = 50
         config.train.eval_steps = 0  # the whole held-out split
         config.train.checkpoint_every = 100
     config.reward = ml_collections.ConfigDict(dict(
-        margin="small", centering=0.0, safety_rule=True, safety_aux_weight=safety_aux_weight, mix=mix))
+        margin="small", centering=0.0, safety_rule=True, safety_aux_weight=safety_aux_weight, mix=None))
     return config

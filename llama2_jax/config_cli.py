@@ -57,8 +57,11 @@ def _unknown_key_error(config: ml_collections.ConfigDict, key: str) -> ConfigErr
     return ConfigError(f"unknown config key {key!r}; {hint}")
 
 
-def _parse_value(text: str, current: Any, key: str) -> Any:
-    """Parse `text` to the type of the key's current value."""
+def _parse_value(text: str, current: Any, key: str, declared: type = type(None)) -> Any:
+    """Parse `text` to the type of the key's current value, or for a key left None (a model key that
+    a checkpoint fills, say) to the type it is declared with."""
+    if current is None and declared in (int, float):
+        current = declared(0)
     if isinstance(current, bool):
         lowered = text.lower()
         if lowered in ("true", "1", "yes"):
@@ -105,7 +108,7 @@ def apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> No
     if leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
         raise _unknown_key_error(config, key)
     with node.ignore_type():
-        node[leaf] = _parse_value(text, node[leaf], key)
+        node[leaf] = _parse_value(text, node[leaf], key, node.get_type(leaf))
 
 
 def split_flags(argv: Sequence[str], flag: str) -> tuple[str | None, list[tuple[str, str]], list[str]]:

@@ -211,7 +211,7 @@ def test_a_checkpoint_without_tokenizer_is_a_clear_error(monkeypatch, capsys, ch
     ("\n\n", "holds no prompts"),
     ('{"messages": [{"role": "assistant", "content": "hi"}]}\n', "p.jsonl:1: message 0: expected role 'user'"),
     ('{"messages": [{"role": "user", "content": "<<SYS>> hi"}]}\n', "reserved chat tag"),
-    ('{"text": "hi"}\n', '"prompt" or "messages"'),
+    ('{"text": "hi"}\n', "no 'prompt', 'messages' or 'conversations' field (fields: text)"),
 ])
 def test_bad_prompt_files_are_refused(capsys, tmp_path, with_tokenizer, content, message):
     prompts = tmp_path / "p.jsonl"

@@ -127,8 +127,14 @@ def test_load_tokenizer_checks_the_checkpoint_before_the_tokenizer(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=f"checkpoint directory {missing} does not exist"):
         load_tokenizer(missing)
-    with pytest.raises(FileNotFoundError, match=r"looked for .*hf/tokenizer.model\); pass --tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"looked for .*hf/tokenizer.model\); copy the model's "
+                                                r"tokenizer.model there or pass --tokenizer"):
         load_tokenizer(fixture("gqa", "hf"))
+    fast_only = tmp_path / "fast_only"
+    shutil.copytree(fixture("gqa", "hf"), fast_only)
+    (fast_only / "tokenizer.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="it has tokenizer.json, which is not read here"):
+        load_tokenizer(fast_only)
     assert str(load_tokenizer(fixture("gqa", "hf"), TOKENIZER).path) == TOKENIZER
 
 

@@ -45,6 +45,7 @@ def synthetic_config(tmp_path_factory):
     (root / "docs.jsonl").write_text("\n".join(lines))
     config = default_data_config()
     config.dataset, config.paths, config.format = "synthetic", (str(root / "docs.jsonl"),), "jsonl"
+    config.holdout_fraction = 0.0  # every document in train
     config.data_dir = str(root / "tfds")
     config.packing_bins = 4
     return config

@@ -113,7 +113,8 @@ def test_the_dry_run_prints_each_stage_command_which_parses_to_the_config_it_run
     workdir = tmp_path / "run"
     assert cli.main(["pipeline", f"--config=configs/pipeline.py:{size}", f"--workdir={workdir}", "--dry-run"]) == 0
     printed = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0][2:] for line in printed if line.startswith("# ")] == list(STEP_NAMES)
+    assert [line.split(":")[0][2:] for line in printed if line.startswith("# ") and line[2] != " "] == \
+        list(STEP_NAMES)
     assert not workdir.exists()
     config = config_cli.load_config_file(f"configs/pipeline.py:{size}")
     directory = pipeline_run._directories(str(workdir))
@@ -125,6 +126,26 @@ def test_the_dry_run_prints_each_stage_command_which_parses_to_the_config_it_run
                 parsed, rest = config_cli.parse_config_flags(argv)
                 assert rest == [f"--workdir={workdir}/{step.name}"]
                 assert absolute(parsed.to_dict()) == absolute(invocation.config.to_dict()), step.name
+
+
+def test_the_dry_run_of_a_paper_size_marks_what_is_yours_to_give_and_where_each_stage_starts(tmp_path, capsys):
+    def dry_run(*flags):
+        assert cli.main(["pipeline", "--config=configs/pipeline.py:7b", f"--workdir={tmp_path}", "--dry-run",
+                         *flags]) == 0
+        return capsys.readouterr().out
+
+    printed = dry_run()
+    assert "#   yours to give: config.pretrain.data.dataset" in printed
+    assert '"--config.data.dataset=<config.sft.data.dataset>"' in printed
+    assert "#   yours to prepare: meta_helpfulness, meta_safety, open_helpfulness, anthropic_harmless" in printed
+    assert "#   yours to prepare: rlhf_prompts" in printed
+    assert "# sft: supervised fine-tuning on dialogs, from pretrain" in printed
+    printed = dry_run("--config.stages=sft,reward_helpfulness", "--config.sft.init_checkpoint=llama-2-7b",
+                      "--config.sft.data.dataset=my_dialogs")
+    assert "# sft: supervised fine-tuning on dialogs, from llama-2-7b" in printed
+    assert "yours to give" not in printed and "# pretrain" not in printed
+    assert cli.main(["pipeline", "--config=configs/pipeline.py:7b", f"--workdir={tmp_path}"]) == 2
+    assert "the pipeline needs config.pretrain.data.dataset, config.sft.data.dataset" in capsys.readouterr().err
 
 
 def absolute(value):

@@ -260,7 +260,7 @@ def test_bad_input_is_one_clear_error(models, tmp_path, capsys):
     cases = [
         (["--config.ppo.rollouts=12"], 2, "ppo.rollouts 12 is not a multiple of the mini-batch"),
         (["--config.ppo.value_init=nowhere"], 2, "ppo.value_init"),
-        ([f"--config.ppo.helpfulness_rm={models / 'policy'}"], 1, "holds a llama model; it must be a reward model"),
+        ([f"--config.ppo.helpfulness_rm={models / 'policy'}"], 1, "holds a language model; it must be a reward model"),
         (["--config.ppo.device_memory_gib=0.001"], 1, "shard them over more devices"),
     ]
     for extra, code, message in cases:

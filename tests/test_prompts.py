@@ -39,7 +39,8 @@ def test_a_file_of_prompts_as_text_lines_or_json_lines(tmp_path):
 @pytest.mark.parametrize("line, message", [
     ('{"messages": [{"role": "assistant", "content": "hi"}]}', "p.jsonl:2: message 0: expected role 'user'"),
     ('{"prompt": "hi", "safety": "yes"}', "p.jsonl:2: 'safety' must be true or false"),
-    ('{"text": "hi"}', 'p.jsonl:2: expected "prompt" or "messages"'),
+    ('{"text": "hi"}', "p.jsonl:2: no 'prompt', 'messages' or 'conversations' field.*"
+                       'expected a record like {"prompt": "Hi"}'),
     ("not json", "p.jsonl:2: Expecting value"),
 ])
 def test_a_bad_prompt_line_names_file_and_line(tmp_path, line, message):
@@ -53,7 +54,8 @@ def test_a_dataset_of_prompts_keeps_each_dialog_up_to_its_last_user_turn_and_its
     path = write_lines(tmp_path / "prompts.jsonl", [json.dumps(record) for record in records])
     config = base_config("rejection", "tiny", Schedule(peak_lr=1e-3, warmup_steps=1, steps=1, global_batch_size=8,
                                                        seq_len=64))
-    config.data.update(dict(dataset="my_prompts", paths=(str(path),), format="prompts", data_dir=str(tmp_path)))
+    config.data.update(dict(dataset="my_prompts", paths=(str(path),), format="prompts", data_dir=str(tmp_path),
+                            holdout_fraction=0.0))
     prompts = sorted(split_prompts(config.data, "train"), key=lambda prompt: not prompt.safety)  # tfds's order
     assert [(prompt.dialog(), prompt.safety) for prompt in prompts] == [
         (DIALOG[:4], True), ([{"role": "user", "content": records[1]["prompt"]}], False)]

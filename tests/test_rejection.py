@@ -200,9 +200,9 @@ def test_bad_input_is_one_clear_error(models, tmp_path, capsys):
     code, error = error_of("--config.rejection.temperature=(1.0, 1.1)", "--config.rejection.rounds=3")
     assert code == 2 and "gives 2 values for 3 rounds" in error
     code, error = error_of(f"--config.rejection.safety_rm={models / 'policy'}")
-    assert code == 1 and "holds a llama model; it must be a reward model" in error
+    assert code == 1 and "holds a language model; it must be a reward model" in error
     code, error = error_of(f"--config.init_checkpoint={models / 'safety'}")
-    assert code == 1 and "holds a reward model, not a llama one" in error
+    assert code == 1 and "holds a reward model, not a language model; set --config.init_checkpoint to" in error
     other = tmp_path / "other_tokenizer"
     other.mkdir()
     for item in (models / "safety").iterdir():

@@ -266,7 +266,7 @@ def test_bad_input_is_one_clear_error(pretrained, tmp_path, capsys):
     code, error = error_of("--config.reward.margin=medium")
     assert code == 2 and "choose one of none, small, large" in error
     code, error = error_of("--config.model.dim=64")
-    assert code == 1 and f"{pretrained} does not have the config's shape: dim 128 (config: 64), ffn_dim 352" in error
+    assert code == 2 and f"model.dim=64 but {pretrained} has 128; leave those model keys unset" in error
 
 
 class InitialWeightsRead(Exception):

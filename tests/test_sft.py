@@ -199,24 +199,34 @@ def test_steps_are_epochs_of_the_packed_rows_of_the_training_dialogs(pretrained,
     monkeypatch.setattr("llama2_jax.stages.sft.train", train)
     with pytest.raises(Configured) as configured:
         cli.main(sft_argv(pretrained, tmp_path / "sft", path, tmp_path, "--config.train.global_batch_size=8",
-                          "--config.train.epochs=2", "--config.train.eval_every=0", "--config.sft.eval_prompts=0"))
+                          "--config.train.epochs=2", "--config.train.eval_every=0", "--config.sft.eval_prompts=0",
+                          "--config.data.holdout_fraction=0"))
     # 50 dialogs, three a row: 17 rows an epoch (by tokens alone, 50 x 34 / 128, they would fill 14),
     # and two epochs of 17 rows in batches of 8 take 5 steps.
     assert configured.value.args == (5,)
 
 
-def test_an_initial_checkpoint_of_another_kind_or_shape_is_one_clear_error(pretrained, tmp_path, capsys):
+def test_an_initial_checkpoint_of_another_kind_or_a_model_key_that_contradicts_it_is_one_clear_error(pretrained, tmp_path, capsys):
     from llama2_jax.checkpoint.convert import export_model
 
     reward_model = tmp_path / "reward_model"
     export_model(LlamaRewardModel(LlamaConfig.from_preset("tiny", compute_dtype="float32"), rngs=nnx.Rngs(0)),
                  str(reward_model), "orbax", tokenizer_path=str(TOKENIZER.path))
     path = gatt_dialogs_file(tmp_path / "dialogs.jsonl")
-    for init, extra, message in ((reward_model, (), f"{reward_model} holds a reward model, not a llama one"),
-                                 (pretrained, ("--config.model.n_layers=2",),
-                                  f"{pretrained} does not have the config's shape: n_layers 4 (config: 2); pick "
-                                  "the config size of that checkpoint or set --config.model.KEY to match")):
-        assert cli.main(sft_argv(init, tmp_path / "sft", path, tmp_path, *extra)) == 1
+    for init, extra, code, message in (
+            (reward_model, (), 1, f"{reward_model} holds a reward model, not a language model; set "
+             "--config.init_checkpoint to a language model (a pretraining or SFT workdir, or Meta's or Hugging "
+             "Face's weights)"),
+            (pretrained, ("--config.model.n_layers=2", "--config.model.rope_theta=1e6"), 2,
+             f"the checkpoint says what the model is: model.n_layers=2 but {pretrained} has 4; "
+             f"model.rope_theta=1000000.0 but {pretrained} has 10000.0; leave those model keys unset"),
+            (pretrained, ("--config.model.max_seq_len=512",), 2,
+             f"the checkpoint says what the model is: model.max_seq_len=512 but {pretrained} has 256; leave "
+             "those model keys unset"),
+            (pretrained, ("--config.train.seq_len=512",), 2,
+             f"train.seq_len 512 is longer than the 256 positions of {pretrained}; set --config.train.seq_len to "
+             "256 or less")):
+        assert cli.main(sft_argv(init, tmp_path / "sft", path, tmp_path, *extra)) == code
         error = capsys.readouterr().err
         assert error == f"error: {message}\n"
     assert not (tmp_path / "sft").exists()

@@ -202,10 +202,14 @@ def load_tokenizer(
         return Tokenizer(tokenizer_path)
     found = tokenizer_file(checkpoint_path, format)
     if found is None:
+        # Many Hugging Face repositories ship only the `tokenizers` library's tokenizer.json; the
+        # SentencePiece model Llama's tokenizers are made of is its tokenizer.model.
+        fast_only = (storage.as_path(checkpoint_path) / "tokenizer.json").exists()
         raise FileNotFoundError(
             f"no tokenizer found with checkpoint {checkpoint_path} (looked for "
-            f"{', '.join(map(os.fspath, _tokenizer_candidates(checkpoint_path, format)))}); pass --tokenizer PATH "
-            "to the SentencePiece .model file it was trained with"
+            f"{', '.join(map(os.fspath, _tokenizer_candidates(checkpoint_path, format)))}"
+            f"{'; it has tokenizer.json, which is not read here' if fast_only else ''}); copy the model's "
+            f"{TOKENIZER_FILE} there or pass --tokenizer PATH to the SentencePiece .model file it was trained with"
         )
     return Tokenizer(found)
 

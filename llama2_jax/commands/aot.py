@@ -26,6 +26,7 @@ from jax.experimental import topologies
 
 from llama2_jax import config_cli, sharding, stages
 from llama2_jax.cli import ArgumentParser, reports_errors
+from llama2_jax.stages.initial import model_for_compiling
 from llama2_jax.train.step import Steps, build_steps
 
 # HBM per chip, by the generation that starts the topology name. v4 is left out: libtpu describes
@@ -61,8 +62,10 @@ def topology_devices(topology: str, num_slices: int) -> list[jax.Device]:
 
 
 def stage_steps(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> Steps:
-    """The steps the training loop would build for `config`, on a mesh over `devices`."""
+    """The steps the training loop would build for `config`, on a mesh over `devices`: of the model its
+    initial checkpoint holds, where it has one to read, as the stage itself would train it."""
     stage = stages.stage_module(config.stage)
+    model_for_compiling(config)
     mesh = sharding.make_mesh(config.mesh, devices=devices)
     # A stage trained by epochs learns its length from its data; the compiled step does not depend on it.
     return build_steps(stage.make_task(config), config, mesh, tuple(tuple(rule) for rule in config.rules),

@@ -47,6 +47,7 @@ def main(argv: Sequence[str]) -> int:
     from llama2_jax import reward, sharding
     from llama2_jax.checkpoint.load import load_tokenizer
     from llama2_jax.eval.policies import compare, markdown_table
+    from llama2_jax.stages.rejection_phases import CUT_ANSWER_EOS
 
     parser = ArgumentParser(prog="python -m llama2_jax compare", description=__doc__)
     parser.add_argument("--reference", required=True, help="the policy every KL is measured to (the SFT model)")
@@ -66,7 +67,7 @@ def main(argv: Sequence[str]) -> int:
     tokenizer = load_tokenizer(args.reference)
     mesh, rules = sharding.make_mesh(), sharding.DEFAULT_RULES
     reward_models = reward.load_reward_models(args.reward_models, tokenizer, flag="--reward-models", mesh=mesh)
-    budget = min(model.config.max_seq_len for model in reward_models) - args.answer_tokens
+    budget = min(model.config.max_seq_len for model in reward_models) - args.answer_tokens - CUT_ANSWER_EOS
     prompts = held_out_prompts(args.prompts, tokenizer, budget)
     instructed = held_out_prompts(args.instructions, tokenizer, budget) if args.instructions else None
     log = print if jax.process_index() == 0 else (lambda *_: None)

@@ -13,16 +13,19 @@ DATA_DOCS = {
     "dataset": "shakespeare (bundled), a name for the local files in data.paths, or a dataset already "
                "prepared in data_dir (mycorpus, local_text/mycorpus, a tfds name)",
     "data_dir": "tfds data_dir (empty: ~/.cache/llama2_jax/tensorflow_datasets)",
-    "paths": "local files or directories; non-empty: build data.dataset from them on first use",
+    "paths": "local files or directories of JSONL or Parquet records (or plain text, format text); "
+             "non-empty: build data.dataset from them on first use",
     "format": "format of data.paths: text (a document per file), jsonl (a text field), chat, preferences, "
-              "prompts",
-    "text_field": "JSONL field holding the text (format jsonl)",
+              "prompts (the record shapes each reads: llama2_jax/data/records.py)",
+    "text_field": "field holding the text (format jsonl, and Parquet files of format text)",
     "document_chars": "> 0: cut text files at blank lines into documents of about this many characters",
-    "holdout_fraction": "share of local examples held out as the validation split",
-    "skip_bad_lines": "skip and count malformed JSONL lines and empty files instead of stopping",
+    "holdout_fraction": "share of the examples of data.paths held out as the validation split (at least one; "
+                        "0: none); bundled and prepared datasets keep their own splits",
+    "skip_bad_lines": "skip and count malformed records and empty files instead of stopping",
     "train_split": "split the loop trains on",
     "eval_split": "split evaluations read",
-    "tokenizer_path": "SentencePiece .model (empty: the checkpoint's, else the bundled 4096-piece one)",
+    "tokenizer_path": "SentencePiece .model (empty: the initial checkpoint's in the stages after pretraining, "
+                      "the bundled 4096-piece one in pretraining)",
     "seed": "shuffle seed (-1: train.seed)",
     "shuffle": "shuffle examples (anew every epoch) and packed rows; off only for debugging",
     "packing_bins": "rows the first-fit packer fills at once (more: less padding; 0: max(local batch, 16), "
@@ -38,10 +41,11 @@ DATA_DOCS = {
 
 def default_data_config() -> ml_collections.ConfigDict:
     """Defaults: the bundled Shakespeare corpus and the bundled 4096-piece tokenizer (DATA_DOCS says
-    what each key means)."""
+    what each key means). Local files hold out 5 % of their examples, so that a run on them has
+    something to evaluate on as a run on the bundled data has."""
     return ml_collections.ConfigDict(dict(
         dataset="shakespeare", data_dir="", paths=(), format="text", text_field="text",
-        document_chars=0, holdout_fraction=0.0, skip_bad_lines=False, train_split="train",
+        document_chars=0, holdout_fraction=0.05, skip_bad_lines=False, train_split="train",
         eval_split="validation", tokenizer_path="", seed=-1, shuffle=True, packing_bins=0,
         worker_threads=2, prefetch_documents=64, prefetch_batches=2, pretokenize=False,
         tokenized_dir="",

@@ -46,11 +46,16 @@ def load_tokenizer(data_config: ml_collections.ConfigDict) -> Tokenizer:
 
 
 def open_split(data_config: ml_collections.ConfigDict, split: str, *, kind: str):
-    """Random-access examples of `split`. `kind` is what the stage reads (`text`, `chat` or
-    `preferences`); a dataset of another kind is an error naming the stage that reads it.
-    (Pre-tokenized text is read as packed rows instead: tokenized.open_rows, row_batches.py.)"""
+    """Random-access examples of `split`. `kind` is what the stage reads (`text`, `chat`,
+    `preferences` or `prompts`); a dataset of another kind is an error naming the stage that reads
+    it, and so is a dataset without the split, naming the setting that makes it (for local files,
+    before they are built). (Pre-tokenized text is read as packed rows instead: tokenized.open_rows,
+    row_batches.py.)"""
+    sources.check_local_split(data_config, split)
     builder = sources.open_builder(data_config, kind)
     sources.check_kind(builder, kind)
+    if split not in builder.info.splits:
+        raise sources.missing_split(data_config, split, list(builder.info.splits))
     return sources.data_source(builder, split)
 
 

@@ -3,12 +3,13 @@
     read_prompts("prompts.jsonl")            # a file: generate, distill
     split_prompts(config.data, "train")      # a dataset split: rejection sampling
 
-A file is plain text, one prompt a line (blank lines skipped), or JSON lines: `"messages"` (a dialog;
-what follows its last user turn is dropped, so fine-tuning dialogs are prompts too) or `"prompt"` (a
-string, one user turn, or a dialog), an optional `"safety"` flag (true: a safety prompt, for the
-combined reward of llama2_jax/reward.py) and an optional `"category"` (a risk category, for safety
-context distillation). A dataset of prompts is built from such JSON lines (`data.format` prompts,
-llama2_jax/data/sources.py); the bundled `shakespeare_prompts` holds the demo's.
+A file is plain text, one prompt a line (blank lines skipped), or JSON lines: `"messages"` or
+`"conversations"` (a dialog; what follows its last user turn is dropped, so fine-tuning dialogs are
+prompts too) or `"prompt"` (a string, one user turn, or a list of messages, so chat and preference
+records are prompts too), an optional `"safety"` flag (true: a safety prompt, for the combined
+reward of llama2_jax/reward.py) and an optional `"category"` (a risk category, for safety context
+distillation). A dataset of prompts is built from such JSON lines or Parquet rows (`data.format`
+prompts, llama2_jax/data/sources.py); the bundled `shakespeare_prompts` holds the demo's.
 
 A prompt given as text (a line of a text file, a `"prompt"` string) is also `text`: `generate`
 continues it as it is, where the commands that answer dialogs ask it as one user turn.
@@ -54,7 +55,8 @@ def parse_prompt(record: dict[str, Any]) -> Prompt:
     category = record.get("category")
     if category is not None and not isinstance(category, str):
         raise DataError(f"'category' must be a string, got {category!r}")
-    text = record["prompt"] if isinstance(record.get("prompt"), str) and "messages" not in record else None
+    dialog = "messages" in record or "conversations" in record
+    text = record["prompt"] if isinstance(record.get("prompt"), str) and not dialog else None
     return Prompt(tuple(parsed["prompt"]), bool(parsed["safety"]), text, category)
 
 

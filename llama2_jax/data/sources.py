@@ -1,10 +1,14 @@
 """tensorflow-datasets builders for local data and the bundled Shakespeare corpus (array_record files).
 
 Builders:  shakespeare            the corpus in llama2_jax/assets, with a held-out `validation` split
-           local_text/NAME        text files (one document each, or cut at blank lines) or JSONL text
-           local_chat/NAME        JSONL dialogs: {"messages": [{"role", "content"}, ...]}
-           local_preferences/NAME JSONL preference pairs (see records.parse_preference_record)
-           local_prompts/NAME     JSONL prompts to answer, with a safety flag (see data/prompts.py)
+           local_text/NAME        text files (one document each, or cut at blank lines), or JSONL or
+                                  Parquet records with a text field
+           local_chat/NAME        dialogs to fine-tune on (see records.parse_chat_record)
+           local_preferences/NAME preference pairs (see records.parse_preference_record)
+           local_prompts/NAME     prompts to answer, with a safety flag (see records.parse_prompt_record)
+Records are JSON lines or Parquet rows (llama2_jax/data/records.py). A local dataset holds out
+`holdout_fraction` of its examples as its `validation` split (at least one, by a stable hash of
+each example's place in the files); the bundled datasets come with their own splits.
 A dataset prepared in a tfds data_dir by any other means opens by its name (`tfds.builder` reads it
 from its files). Building is automatic on first use, takes seconds and is guarded by a file lock, so
 processes that start together build once and then read the same files. tfds's own notices about
@@ -65,15 +69,27 @@ class LocalConfig(tfds.core.BuilderConfig):
 
     paths: tuple[str, ...] = ()
     format: str = "text"  # one of FORMATS
-    text_field: str = "text"  # JSONL field holding the text ("jsonl" format)
+    text_field: str = "text"  # field holding the text ("jsonl" format, and Parquet files of "text")
     document_chars: int = 0  # > 0: cut text files at blank lines into documents of about this size
-    holdout_fraction: float = 0.0  # share of documents moved to the `validation` split
+    holdout_fraction: float = 0.0  # share of examples moved to the `validation` split (at least one)
     skip_bad_lines: bool = False  # skip (and count) malformed lines and empty files instead of failing
 
 
-def _holdout(key: str, fraction: float) -> bool:
-    # A stable hash of the key, so the split never changes between builds or machines.
-    return fraction > 0 and zlib.crc32(key.encode()) % 100_000 < fraction * 100_000
+def _key_hash(key: str) -> int:
+    # A stable hash of an example's key, so the split never changes between builds or machines.
+    return zlib.crc32(key.encode()) % 100_000
+
+
+def held_out_keys(keys: Sequence[str], fraction: float) -> set[str]:
+    """The keys of the examples that go to `validation`: those whose hash falls below `fraction`; when
+    that is none of two or more examples, the one of lowest hash, so that a small file too has an
+    example to evaluate on."""
+    if fraction <= 0:
+        return set()
+    held_out = {key for key in keys if _key_hash(key) < fraction * 100_000}
+    if not held_out and len(keys) > 1:
+        held_out = {min(keys, key=_key_hash)}
+    return held_out
 
 
 class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -104,13 +120,15 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
                             f"the inputs {list(self.builder_config.paths)} hold no usable records")
         self.info.metadata.update(self._build_metadata())
         fraction = self.builder_config.holdout_fraction
-        splits = {"train": [example for example in examples if not _holdout(example[0], fraction)]}
+        held_out = held_out_keys([key for key, _ in examples], fraction)
+        splits = {"train": [example for example in examples if example[0] not in held_out]}
         if fraction > 0:
-            splits["validation"] = [example for example in examples if _holdout(example[0], fraction)]
+            splits["validation"] = [example for example in examples if example[0] in held_out]
         for name, split_examples in splits.items():
             if not split_examples:
-                raise DataError(f"the {name} split of {self.name} would be empty ({len(examples)} documents, "
-                                f"holdout_fraction {fraction}); add data or change data.holdout_fraction")
+                raise DataError(f"the {name} split of {self.name} would be empty ({len(examples)} examples, "
+                                f"data.holdout_fraction {fraction:g}); add examples, or set data.holdout_fraction=0 "
+                                "and train.eval_every=0 to train on all of them without evaluations")
         return {name: iter(split_examples) for name, split_examples in splits.items()}
 
     def _generate_examples(self, examples: Iterator) -> Iterator:
@@ -119,17 +137,19 @@ class _LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _build_metadata(self) -> dict[str, Any]:
         config = self.builder_config
         return {"paths": list(config.paths), "format": config.format, "text_field": config.text_field,
-                "inputs": inputs_stamp(config.paths), "skipped_lines": self._report.total_skipped}
+                "inputs": inputs_stamp(config.paths), "options": build_options(config),
+                "skipped_lines": self._report.total_skipped}
 
     def _examples(self, report: LineReport) -> Iterator[tuple[str, dict[str, Any]]]:
         """(key, example) pairs of this builder's format, bad lines counted in `report`: one record
-        per JSONL line through the builder's `RECORD_PARSER`, unless the builder reads otherwise."""
+        per JSON line or Parquet row through the builder's `RECORD_PARSER`, unless the builder reads
+        otherwise."""
         yield from records.parse_records(self.builder_config.paths, self.RECORD_PARSER,
                                          skip_bad_lines=self.builder_config.skip_bad_lines, report=report)
 
 
 class LocalText(_LocalBuilder):
-    """Text files (each a document, or cut at blank lines) or JSONL with a text field."""
+    """Text files (each a document, or cut at blank lines), or records with a text field."""
 
     BUILDER_CONFIGS = [LocalConfig(name="default")]
 
@@ -146,6 +166,7 @@ class LocalText(_LocalBuilder):
                                              report=report)
         else:
             for key, text in records.text_documents(config.paths, document_chars=config.document_chars,
+                                                    text_field=config.text_field,
                                                     skip_bad_lines=config.skip_bad_lines, report=report):
                 yield key, {"text": text}
 
@@ -157,7 +178,7 @@ _TRAINING_MESSAGES = tfds.features.Sequence({"role": tfds.features.Text(), "cont
 
 
 class LocalChat(_LocalBuilder):
-    """JSONL dialogs, one per line."""
+    """Dialogs to fine-tune on, one per record."""
 
     VERSION = tfds.core.Version("1.1.0")
     RELEASE_NOTES = {"1.1.0": "Messages say whether they are trained on.", "1.0.0": "First version."}
@@ -171,7 +192,7 @@ class LocalChat(_LocalBuilder):
 
 
 class LocalPreferences(_LocalBuilder):
-    """JSONL preference pairs with the paper's rating levels and safety labels."""
+    """Preference pairs with the paper's rating levels and safety labels."""
 
     BUILDER_CONFIGS = [LocalConfig(name="default", format="preferences")]
     RECORD_PARSER = staticmethod(records.parse_preference_record)
@@ -190,7 +211,7 @@ class LocalPreferences(_LocalBuilder):
 
 
 class LocalPrompts(_LocalBuilder):
-    """JSONL prompts to answer: the dialog up to its last user turn, and whether it is a safety prompt."""
+    """Prompts to answer: the dialog up to its last user turn, and whether it is a safety prompt."""
 
     BUILDER_CONFIGS = [LocalConfig(name="default", format="prompts")]
     RECORD_PARSER = staticmethod(records.parse_prompt_record)
@@ -202,6 +223,12 @@ class LocalPrompts(_LocalBuilder):
                 "safety": tfds.features.Scalar(np.int32, doc="1 a safety prompt, 0 a helpfulness prompt"),
             }),
             metadata=self._metadata(), description="Local prompts.")
+
+
+def build_options(config: LocalConfig) -> dict[str, Any]:
+    """What a local dataset's examples and splits depend on besides its files."""
+    return {"text_field": config.text_field, "document_chars": config.document_chars,
+            "holdout_fraction": config.holdout_fraction, "skip_bad_lines": config.skip_bad_lines}
 
 
 def inputs_stamp(paths: Sequence[str]) -> str:
@@ -327,8 +354,9 @@ def build_local_dataset(name: str, paths: Sequence[str | os.PathLike], *, format
                         skip_bad_lines: bool = False) -> tfds.core.DatasetBuilder:
     """Builds (once) local files into the tfds dataset `<builder>/<name>` and returns its builder.
 
-    A dataset of that name built from other paths or options is an error, not a silent reuse; one
-    whose files changed since it was built (size or modification time) is built again.
+    A dataset of that name built from other paths or another format is an error, not a silent
+    reuse; one whose files changed since it was built (size or modification time), or that was
+    built with other options (a holdout fraction, a text field, ...), is built again.
     """
     if format not in FORMATS:
         raise DataError(f"unknown data.format {format!r}; choose one of {', '.join(FORMATS)}")
@@ -341,7 +369,8 @@ def build_local_dataset(name: str, paths: Sequence[str | os.PathLike], *, format
 
     def inputs_changed(builder) -> bool:
         stored = dict(builder.info.metadata or {})
-        return stored.get("paths") == list(absolute_paths) and stored.get("inputs") != inputs_stamp(absolute_paths)
+        return stored.get("paths") == list(absolute_paths) and (
+            stored.get("inputs") != inputs_stamp(absolute_paths) or stored.get("options") != build_options(config))
 
     builder = _prepare(builder_class, config, data_dir, inputs_changed)
     stored = dict(builder.info.metadata or {})
@@ -370,8 +399,8 @@ def _prepare(builder_class: type, config: LocalConfig | None, data_dir: str | os
         with build_lock(data_dir):
             builder = open_builder()  # another process may have built it while we waited
             if builder.is_prepared() and is_stale(builder):
-                print(f"the files of dataset {builder.name}/{builder.builder_config.name} changed since it was "
-                      "built: building it again")
+                print(f"the files or options of dataset {builder.name}/{builder.builder_config.name} changed "
+                      "since it was built: building it again")
                 shutil.rmtree(builder.data_dir, ignore_errors=True)
                 builder = open_builder()
             if not builder.is_prepared():
@@ -385,6 +414,9 @@ def prepared_dataset(name: str, data_dir: str | os.PathLike | None = None) -> tf
     """The builder of dataset `name` already prepared in `data_dir`: a bundled one (built if needed),
     a local dataset by its bare name ("mycorpus") or in full ("local_text/mycorpus"), or any tfds
     dataset prepared there ("some_tfds_name/config:1.0.0")."""
+    if not name:  # the paper's sizes leave the data to the user
+        raise DataError("data.dataset is empty: name a dataset prepared in data.data_dir (`python -m llama2_jax data "
+                        "build`), or set data.paths to files of yours and data.dataset to a name for them")
     if name in BUNDLED:
         return bundled_dataset(name, data_dir)
     data_dir = storage.as_path(data_dir or DEFAULT_DATA_DIR)
@@ -413,12 +445,52 @@ def open_builder(data_config, kind: str | None = None) -> tfds.core.DatasetBuild
     if data_config.paths:
         if kind is not None:
             check_format(data_config.format, kind)
-        return build_local_dataset(
+        builder = build_local_dataset(
             data_config.dataset, list(data_config.paths), format=data_config.format,
             data_dir=data_config.data_dir or None, text_field=data_config.text_field,
             document_chars=data_config.document_chars, holdout_fraction=data_config.holdout_fraction,
             skip_bad_lines=data_config.skip_bad_lines)
+        _say_held_out(builder, data_config.holdout_fraction)
+        return builder
     return prepared_dataset(data_config.dataset, data_config.data_dir or None)
+
+
+# The local datasets whose held-out share this process has told: a run opens its dataset several times.
+_HELD_OUT_TOLD: set[str] = set()
+
+
+def _say_held_out(builder: tfds.core.DatasetBuilder, fraction: float) -> None:
+    """One line: how many examples of data.paths are held out for evaluations, and how not to."""
+    if fraction <= 0 or builder.data_dir in _HELD_OUT_TOLD:
+        return
+    _HELD_OUT_TOLD.add(builder.data_dir)
+    splits = builder.info.splits
+    total = sum(split.num_examples for split in splits.values())
+    print(f"held out {splits['validation'].num_examples} of the {total} examples of data.paths as the validation "
+          f"split (data.holdout_fraction {fraction:g}, at least one; 0 holds out none)")
+
+
+def check_local_split(data_config, split: str) -> None:
+    """Before data.paths are built: a DataError when `split` is none of the splits they are built into."""
+    splits = ("train", "validation") if data_config.holdout_fraction > 0 else ("train",)
+    if data_config.paths and split not in splits:
+        raise missing_split(data_config, split, splits)
+
+
+def missing_split(data_config, split: str, splits: Sequence[str]) -> DataError:
+    """The error for a dataset that has only `splits`, not `split`, naming the setting that fixes it."""
+    lacks = f"dataset {data_config.dataset} has no split {split!r} (it has {', '.join(splits)})"
+    if split != data_config.eval_split:
+        return DataError(f"{lacks}; set data.train_split to one of them")
+    if data_config.paths and split == "validation":
+        fix = "hold some examples of data.paths out as it with data.holdout_fraction (e.g. 0.05)"
+    elif data_config.paths:
+        fix = "the held-out split of data.paths is `validation`: set data.eval_split=validation"
+    else:
+        fix = ("build the dataset with one (`python -m llama2_jax data build ... --holdout-fraction 0.05`, or "
+               "data.paths with data.holdout_fraction), or set data.eval_split to a split it has")
+    return DataError(f"{lacks}, which evaluations read (data.eval_split): {fix}; or turn evaluations off: "
+                     "train.eval_every=0, and eval_prompts=0 in a stage that answers held-out prompts")
 
 
 # The feature that tells a dataset's kind, and the command that trains on that kind.

@@ -186,6 +186,7 @@ def default_root(data_config: ml_collections.ConfigDict, tokenizer: Tokenizer, s
 
 def open_rows(data_config: ml_collections.ConfigDict, split: str, tokenizer: Tokenizer, seq_len: int) -> PackedRows:
     """The packed rows of `split`: from data.tokenized_dir, or (pretokenize) written on first use."""
+    sources.check_local_split(data_config, split)
     root = storage.as_path(data_config.tokenized_dir) if data_config.tokenized_dir else default_root(
         data_config, tokenizer, seq_len)
     if not (root / METADATA_FILE).exists():

@@ -97,7 +97,13 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`; BOS, EOS and other control tokens are dropped."""
-        return self._processor.decode([int(token) for token in ids])
+        ids = [int(token) for token in ids]
+        outside = next((token for token in ids if not 0 <= token < self.vocab_size), None)
+        if outside is not None:
+            raise TokenizerError(f"token id {outside} is outside the {self.vocab_size} pieces of the tokenizer "
+                                 f"{self.path}, so it is not the tokenizer of the model that wrote it; use that "
+                                 "model's own tokenizer")
+        return self._processor.decode(ids)
 
     def id_to_piece(self, token_id: int) -> str:
         return self._processor.id_to_piece(int(token_id))

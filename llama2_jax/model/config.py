@@ -24,6 +24,12 @@ def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None)
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
+# The fields that say what a model is, as its checkpoint records them; the others (dtypes, attention
+# kernel, remat) say how a run computes with it.
+ARCHITECTURE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
+                       "ffn_dim_multiplier", "norm_eps", "rope_theta", "max_seq_len")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Everything that fixes the model's shape and numerics.

@@ -22,7 +22,7 @@ import ml_collections
 
 from llama2_jax import storage
 from llama2_jax.recipe import report
-from llama2_jax.recipe.steps import Invocation, Step, selected, write_chat_prompts
+from llama2_jax.recipe.steps import Invocation, Plan, Step, selected, write_chat_prompts
 
 SETTINGS_FILE, STEP_FILE = "pipeline.json", "step.json"
 # Keys of the pipeline's config that do not change what a stage makes.
@@ -40,7 +40,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fals
     if dry_run:
         for step in steps:
             plan = plans[step.name]
-            print(f"# {step.name}: {step.summary}" + (f" ({plan.key_settings()})" if plan.key_settings() else ""))
+            print(f"# {step.name}: {step.describe(plan)}" + (f" ({plan.key_settings()})" if plan.key_settings() else ""))
+            if step.instead:
+                print(f"#   {step.instead}")
+            for key in plan.missing:
+                print(f"#   yours to give: config.{key} (--config.{key}=...)")
+            if plan.datasets_to_prepare:
+                print(f"#   yours to prepare: {', '.join(plan.datasets_to_prepare)} (datasets in data.data_dir: "
+                      f"`python -m llama2_jax data build`; or files: --config.{step.name}.data.paths=FILE)")
             for invocation in plan.invocations:
                 print(invocation.command_line())
         return 0
@@ -69,7 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fals
                 _say(f"{step.name}: finished before, skipped ({workdir}/{step.name})")
                 continue
             _check_data(step.name, plans[step.name].needs, root, workdir)
-            code = _run_step(step, plans[step.name].invocations, config, directory, root, leader)
+            code = _run_step(step, plans[step.name], config, directory, root, leader)
             if code:
                 _say(f"stopped in {step.name} (exit status {code}); rerun the same command to go on from there: "
                      "finished stages are kept", error=True)
@@ -86,9 +93,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fals
     return 0
 
 
-def _run_step(step: Step, invocations: list[Invocation], config, directory: Callable[[str], str], root,
-              leader: bool) -> int:
-    _say(f"\n=== {step.name}: {step.summary}")
+def _run_step(step: Step, plan: Plan, config, directory: Callable[[str], str], root, leader: bool) -> int:
+    _say(f"\n=== {step.name}: {step.describe(plan)}")
+    invocations = plan.invocations
     start = time.time()
     if leader:
         (root / step.name).mkdir(parents=True, exist_ok=True)

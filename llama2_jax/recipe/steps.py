@@ -82,12 +82,15 @@ def command_flags(section: ml_collections.ConfigDict) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """What a step runs, the earlier steps whose outputs it reads, and the settings it lacks (shown
-    in its commands as `<config.KEY>`)."""
+    """What a step runs, the earlier steps whose outputs it reads, the settings it lacks (shown in its
+    commands as `<config.KEY>`), where it starts from (an input key's last part -> the step or path
+    it reads), and the datasets it reads that are the user's to prepare."""
 
     invocations: list[Invocation]
     needs: set[str]
     missing: tuple[str, ...] = ()
+    sources: dict[str, str] = dataclasses.field(default_factory=dict)
+    datasets_to_prepare: tuple[str, ...] = ()
 
     def key_settings(self) -> str:
         """A stage's schedule in a few words (the commands show only what differs from its config file)."""
@@ -116,8 +119,12 @@ def _schedule(config: ml_collections.ConfigDict) -> str:
 @dataclasses.dataclass(frozen=True)
 class Step:
     name: str
-    summary: str
+    summary: str  # with `{init_checkpoint}` and the like where the plan says what the step reads
     plan: Callable[[ml_collections.ConfigDict, Callable[[str], str]], Plan]
+    instead: str = ""  # what a user may give in place of running the step
+
+    def describe(self, plan: Plan) -> str:
+        return self.summary.format(**plan.sources)
 
 
 def stage_plan(name: str, inputs: dict[str, str]) -> Callable:
@@ -126,22 +133,50 @@ def stage_plan(name: str, inputs: dict[str, str]) -> Callable:
 
     def plan(config: ml_collections.ConfigDict, directory: Callable[[str], str]) -> Plan:
         section = config[name].copy_and_resolve_references()
-        needs = set()
+        needs, sources = set(), {}
         for key, step in inputs.items():
-            if not section[key]:
-                path = data_file(directory, step) if step.endswith("_data") else directory(step)
-                with section.ignore_type():
-                    set_key(section, key, (path,) if isinstance(section[key], tuple) else path)
-                needs.add(step)
+            source_name = key.rpartition(".")[2]
+            if section[key]:
+                given = section[key]
+                sources[source_name] = _relative(given if isinstance(given, str) else ", ".join(given))
+                continue
+            path = data_file(directory, step) if step.endswith("_data") else directory(step)
+            with section.ignore_type():
+                set_key(section, key, (path,) if isinstance(section[key], tuple) else path)
+            needs.add(step)
+            sources[source_name] = step
+        missing = ()
+        if not section.data.dataset:  # the data of a size whose data are only the user's
+            section.data.dataset = f"<config.{name}.data.dataset>"
+            missing = (f"{name}.data.dataset",)
         if section.data.paths and not section.data.data_dir:
             # Local files become a tfds dataset in the stage's own directory, so that the same
             # dataset name built from another workdir's (or checkout's) files never meets it.
             section.data.data_dir = f"{directory(name)}/tfds"
         command = stages.stage_of(section.stage).command
         return Plan([Invocation(command, config=section, config_file=config.config_files[name],
-                                workdir=directory(name))], needs)
+                                workdir=directory(name))], needs, missing, sources, datasets_to_prepare(section))
 
     return plan
+
+
+def datasets_to_prepare(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The datasets a stage's config reads that neither come with the package nor are built from its
+    data.paths: the user's to prepare in data.data_dir (`python -m llama2_jax data build`)."""
+    from llama2_jax.data.sources import BUNDLED
+
+    own = () if config.data.paths or config.data.dataset.startswith("<") else (config.data.dataset,)
+    return tuple(name for name in (*own, *mixed_datasets(config)) if name not in BUNDLED)
+
+
+def mixed_datasets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The other datasets a preference stage draws pairs from (its `mix`)."""
+    settings = config.get(config.stage)
+    if settings is None or "mix" not in settings:
+        return ()
+    from llama2_jax.stages.reward import mixture
+
+    return tuple(mixture(config)[0][1:])
 
 
 def set_key(config: ml_collections.ConfigDict, dotted: str, value) -> None:
@@ -224,22 +259,26 @@ def _required(config: ml_collections.ConfigDict, name: str, key: str) -> tuple[m
 POLICIES = ("sft", "rejection", "gatt", "distill", "ppo")
 
 STEPS = (
-    Step("pretrain", "pretraining: the base model", stage_plan("pretrain", {})),
-    Step("sft", "supervised fine-tuning on dialogs, from pretrain", stage_plan("sft", {"init_checkpoint": "pretrain"})),
-    Step("reward_helpfulness", "the helpfulness reward model, from sft",
+    Step("pretrain", "pretraining: the base model", stage_plan("pretrain", {}),
+         instead="or weights of yours, Meta's or Hugging Face's: --config.sft.init_checkpoint=DIR with "
+                 "--config.stages=sft,reward_helpfulness,... (every stage but pretrain)"),
+    Step("sft", "supervised fine-tuning on dialogs, from {init_checkpoint}",
+         stage_plan("sft", {"init_checkpoint": "pretrain"})),
+    Step("reward_helpfulness", "the helpfulness reward model, from {init_checkpoint}",
          stage_plan("reward_helpfulness", {"init_checkpoint": "sft"})),
-    Step("reward_safety", "the safety reward model, from sft", stage_plan("reward_safety", {"init_checkpoint": "sft"})),
-    Step("rejection", "rejection sampling from sft, scored by both reward models",
+    Step("reward_safety", "the safety reward model, from {init_checkpoint}",
+         stage_plan("reward_safety", {"init_checkpoint": "sft"})),
+    Step("rejection", "rejection sampling from {init_checkpoint}, scored by {helpfulness_rm} and {safety_rm}",
          stage_plan("rejection", {"init_checkpoint": "sft", "rejection.helpfulness_rm": "reward_helpfulness",
                                   "rejection.safety_rm": "reward_safety"})),
     Step("gatt_data", "Ghost Attention dialogs sampled from rejection, reranked by both reward models", gatt_data),
-    Step("gatt", "the Ghost Attention round: rejection fine-tuned on gatt_data",
+    Step("gatt", "the Ghost Attention round: {init_checkpoint} fine-tuned on {paths}",
          stage_plan("gatt", {"init_checkpoint": "rejection", "data.paths": "gatt_data"})),
     Step("distill_data", "safety context distillation: gatt's answers under a safety preprompt, kept when safer",
          distill_data),
-    Step("distill", "gatt fine-tuned on distill_data", stage_plan("distill", {"init_checkpoint": "gatt",
+    Step("distill", "{init_checkpoint} fine-tuned on {paths}", stage_plan("distill", {"init_checkpoint": "gatt",
                                                                               "data.paths": "distill_data"})),
-    Step("ppo", "PPO from distill with both reward models",
+    Step("ppo", "PPO from {init_checkpoint} with {helpfulness_rm} and {safety_rm}",
          stage_plan("ppo", {"init_checkpoint": "distill", "ppo.helpfulness_rm": "reward_helpfulness",
                             "ppo.safety_rm": "reward_safety"})),
     Step("evaluate", "perplexity and the next-line task; every policy's held-out reward and KL to sft", evaluate),

@@ -4,15 +4,17 @@
     python -m llama2_jax dpo --config=configs/dpo.py:7b --config.init_checkpoint=runs/sft-7b \
         --workdir=/data/runs/dpo-7b
 
-The pairs are the reward stage's: the same datasets and mixes (`dpo.mix`), the same safety rule
-(`dpo.safety_rule`), the same counts of what is skipped and why, and the same batches, both answers
-of a pair in one row; each answer also carries its token mask (llama2_jax/data/preferences.py). The
-policy starts from `init_checkpoint`, which is also the frozen reference unless `dpo.reference`
-names another, loaded once in `dpo.frozen_dtype` on the run's mesh and never saved: each batch gains
-the reference's log-probs of its two answers on its way to the step (`ReferenceLogProbs`), so the
-loop, `aot` and `bench` run DPO like any stage. The loss and its metrics are
-llama2_jax/train/dpo_loss.py; the paper's rating margins carry over (`dpo.margin`). At the end the
-last evaluation is printed by rating level and safety bin; the workdir loads as a language model.
+The pairs are the reward stage's: the same datasets and mixes (`dpo.mix`: by default the
+companions of a bundled or paper dataset, nothing for `data.paths`; one line says what is mixed),
+the same safety rule (`dpo.safety_rule`), the same counts of what is skipped and why, and the same
+batches, both answers of a pair in one row; each answer also carries its token mask
+(llama2_jax/data/preferences.py). The policy starts from `init_checkpoint`, which is also the
+frozen reference unless `dpo.reference` names another, loaded once in `dpo.frozen_dtype` on the
+run's mesh and never saved: each batch gains the reference's log-probs of its two answers on its
+way to the step (`ReferenceLogProbs`), so the loop, `aot` and `bench` run DPO like any stage. The
+loss and its metrics are llama2_jax/train/dpo_loss.py; the paper's rating margins carry over
+(`dpo.margin`). At the end the last evaluation is printed by rating level and safety bin; the
+workdir loads as a language model.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from llama2_jax.data.records import RATING_LEVELS
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.errors import ConfigError
 from llama2_jax.stages import reward
-from llama2_jax.stages.initial import (check_initial_checkpoint, initial_tokenizer, load_initial_model,
+from llama2_jax.stages.initial import (initial_tokenizer, load_initial_model, start_from_checkpoint,
                                        set_steps_from_epochs)
 from llama2_jax.stages.rejection import check_models_of
 from llama2_jax.train.config import model_config_from
@@ -53,7 +55,7 @@ CONFIG_DOCS = {
                   "0) or large (3, 2, 1, 0); unrated pairs get 0",
     "dpo.safety_rule": "skip pairs whose chosen answer is unsafe while the rejected one is safe, in every dataset "
                        "with safety labels",
-    "dpo.mix": "other prepared preference datasets drawn into training, ((name, share of the pairs), ...)",
+    "dpo.mix": reward.MIX_DOC,
     "dpo.frozen_dtype": "storage dtype of the frozen reference",
 }
 REFERENCE_FIELDS = ("reference_chosen", "reference_rejected")
@@ -158,8 +160,7 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """DPO as `config` says in `workdir` (resuming if it holds checkpoints)."""
     check_config(config)
-    tokenizer = initial_tokenizer(config)
-    check_initial_checkpoint(config, tokenizer, kind="llama")
+    tokenizer = start_from_checkpoint(config, kind="llama")
     check_models_of(config, tokenizer, {"dpo.reference": (config.dpo.reference, "llama")}, "train.seq_len", 0)
     counts = reward.count_pairs(config, tokenizer)
     set_steps_from_epochs(config, reward.pairs_per_epoch(config, counts))

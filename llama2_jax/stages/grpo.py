@@ -39,7 +39,7 @@ from llama2_jax import storage
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.errors import ConfigError
 from llama2_jax.stages import rejection_files
-from llama2_jax.stages.initial import check_initial_checkpoint, initial_tokenizer, load_initial_model
+from llama2_jax.stages.initial import load_initial_model, start_from_checkpoint
 from llama2_jax.stages.ppo import Frozen, batch_spec, rollout_prompts
 from llama2_jax.stages.ppo_rollouts import (Answer, FrozenModels, RolloutBatches, Settings, in_chunks,
                                             reward_model_scores, token_log_probs, training_rows)
@@ -280,9 +280,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """GRPO as `config` says in `workdir`, resuming from the newest checkpoint there."""
     check_config(config)
     grpo = config.grpo
-    tokenizer = initial_tokenizer(config)
+    tokenizer = start_from_checkpoint(config, kind="llama")
     rewards = Rewards(grpo.reward_fn, tokenizer)  # a reward_fn that cannot be imported fails before any model loads
-    check_initial_checkpoint(config, tokenizer, kind="llama")
     reward_models = {} if grpo.reward_fn else {"grpo.helpfulness_rm": (grpo.helpfulness_rm, "reward"),
                                                "grpo.safety_rm": (grpo.safety_rm, "reward")}
     context = check_models_of(config, tokenizer, reward_models, "grpo.max_new_tokens", grpo.max_new_tokens)

@@ -43,10 +43,10 @@ from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.errors import ConfigError
 from llama2_jax.model.llama import ActorCritic
 from llama2_jax.stages import ppo_rollouts, rejection_files, rejection_metrics
-from llama2_jax.stages.initial import SHAPE_FIELDS, check_initial_checkpoint, initial_tokenizer, load_initial_model
+from llama2_jax.stages.initial import SHAPE_FIELDS, load_initial_model, start_from_checkpoint
 from llama2_jax.stages.ppo_rollouts import FrozenModels, RolloutBatches, Settings
 from llama2_jax.stages.rejection import PromptSet, check_models_of, encode_prompts
-from llama2_jax.stages.rejection_phases import answer_held_out
+from llama2_jax.stages.rejection_phases import CUT_ANSWER_EOS, answer_held_out
 from llama2_jax.train import ppo_loss
 from llama2_jax.train.config import model_config_from
 from llama2_jax.train.loop import TrainResult, train
@@ -334,7 +334,7 @@ def rollout_prompts(config: ml_collections.ConfigDict, tokenizer: Tokenizer, sec
     whose `section` (ppo, grpo) sets `max_new_tokens` and `eval_prompts`: those that leave room for an
     answer in `context` and train.seq_len, the others skipped and counted."""
     settings = config[section]
-    budget = min(context, config.train.seq_len) - settings.max_new_tokens
+    budget = min(context - CUT_ANSWER_EOS, config.train.seq_len) - settings.max_new_tokens
     if budget < 1:
         raise ConfigError(f"train.seq_len {config.train.seq_len} leaves no room for a prompt before "
                           f"{section}.max_new_tokens {settings.max_new_tokens}; raise it or lower "
@@ -354,8 +354,7 @@ def rollout_prompts(config: ml_collections.ConfigDict, tokenizer: Tokenizer, sec
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """PPO as `config` says in `workdir`, resuming from the newest checkpoint there."""
     check_config(config)
-    tokenizer = initial_tokenizer(config)
-    check_initial_checkpoint(config, tokenizer, kind="llama")
+    tokenizer = start_from_checkpoint(config, kind="llama")
     ppo = config.ppo
     context = check_models_of(config, tokenizer, {"ppo.helpfulness_rm": (ppo.helpfulness_rm, "reward"),
                                                   "ppo.safety_rm": (ppo.safety_rm, "reward")},

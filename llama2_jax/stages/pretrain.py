@@ -2,7 +2,7 @@
 
     python -m llama2_jax train --config=configs/pretrain.py:tiny --workdir=runs/tiny
     python -m llama2_jax train --config=configs/pretrain.py:7b --workdir=/data/runs/7b \
-        --config.train.steps=1000 --config.optimizer.peak_lr=2e-4
+        --config.data.dataset=mycorpus --config.train.steps=1000 --config.optimizer.peak_lr=2e-4
 
 Rerunning with the same workdir resumes from its newest checkpoint. From a notebook:
 

@@ -52,9 +52,9 @@ from llama2_jax.errors import ConfigError
 from llama2_jax.generate import SamplingParams
 from llama2_jax.stages import rejection_files as files
 from llama2_jax.stages import rejection_metrics, sft
-from llama2_jax.stages.initial import check_initial_checkpoint, initial_tokenizer, set_steps_from_epochs
-from llama2_jax.stages.rejection_phases import (Answer, answer_held_out, part_seed, sample_answers, score_answers,
-                                                scored_sequence)
+from llama2_jax.stages.initial import KIND_NAMES, set_steps_from_epochs, start_from_checkpoint
+from llama2_jax.stages.rejection_phases import (CUT_ANSWER_EOS, Answer, answer_held_out, part_seed, sample_answers,
+                                                score_answers, scored_sequence)
 from llama2_jax.train.loop import train
 from llama2_jax.train.stopping import StopRequests
 from llama2_jax.train.task import Task
@@ -113,9 +113,8 @@ class PromptSet:
 def run(config: ml_collections.ConfigDict, workdir: str) -> RejectionResult:
     """Rejection sampling as `config` says, in `workdir`, resuming whatever an earlier run finished."""
     check_config(config)
-    tokenizer = initial_tokenizer(config)
-    check_initial_checkpoint(config, tokenizer, kind="llama")
-    context = check_models(config, tokenizer) - config.rejection.max_new_tokens
+    tokenizer = start_from_checkpoint(config, kind="llama")
+    context = check_models(config, tokenizer) - config.rejection.max_new_tokens - CUT_ANSWER_EOS
     training = encode_prompts(split_prompts(config.data, config.data.train_split), tokenizer, context)
     held_out = encode_prompts(split_prompts(config.data, config.data.eval_split)[:config.rejection.eval_prompts],
                               tokenizer, context) if config.rejection.eval_prompts else None
@@ -123,7 +122,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RejectionResult:
     if not training.indices:
         raise ValueError(f"none of the {len(training.prompts)} training prompts leaves "
                          f"{config.rejection.max_new_tokens} tokens for an answer in a context of "
-                         f"{context + config.rejection.max_new_tokens}; lower rejection.max_new_tokens or give "
+                         f"{context + config.rejection.max_new_tokens + CUT_ANSWER_EOS}; lower "
+                         "rejection.max_new_tokens or give "
                          "shorter prompts")
     _print(f"training prompts: {len(training.indices)} of {len(training.prompts)} ({training.skipped} too long to "
            f"answer in the context, skipped)" + (f"; held-out prompts: {len(held_out.indices)} of "
@@ -178,7 +178,7 @@ def check_models_of(config: ml_collections.ConfigDict, tokenizer: Tokenizer, mod
         model_config, found = checkpoint_config(path)
         if found != kind:
             what = "a reward model (python -m llama2_jax reward)" if kind == "reward" else "a language model"
-            raise ValueError(f"{key} {path} holds a {found} model; it must be {what}")
+            raise ValueError(f"{key} {path} holds a {KIND_NAMES.get(found, found)}; it must be {what}")
         own = tokenizer_file(path, detect_format(path))
         if own is None or storage.as_path(own).read_bytes() != tokenizer.path.read_bytes():
             raise ValueError(f"{key} {path} has {'no' if own is None else 'another'} tokenizer.model than the policy "

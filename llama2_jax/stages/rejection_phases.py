@@ -89,6 +89,11 @@ def sample_answers(policy, prompt_tokens: Sequence[Sequence[int]], *, samples: i
     return sorted(answers, key=lambda answer: (answer.prompt, answer.sample)), seconds, False
 
 
+# An answer cut at the token limit is read with an EOS after it (`scored_sequence`): a prompt leaves
+# room for that token beside the longest answer.
+CUT_ANSWER_EOS = 1
+
+
 def scored_sequence(prompt: Sequence[int], answer: Answer, eos_id: int) -> list[int]:
     """What the reward models read: the prompt and the answer, ended with EOS as fine-tuning will end
     it (an answer cut at the token limit included)."""

@@ -10,8 +10,10 @@ The model is the initial checkpoint's backbone with a scalar head in place of th
 LlamaForSequenceClassification, keeps its own), scoring the last token of prompt + response in the
 Llama 2 chat format. Both responses of a pair go through the model in the same batch
 (llama2_jax/data/preferences.py, llama2_jax/train/preference_loss.py). Training reads `data.dataset`
-mixed with the datasets of `reward.mix` in their shares; evaluations read the held-out split of
-`data.dataset` alone. With `train.steps` 0 the run lasts `train.epochs` passes over `data.dataset`.
+mixed with the datasets of `reward.mix` in their shares: by default (None) the companions of a
+bundled or paper dataset (llama2_jax/data/companions.py), nothing for files of your own
+(`data.paths`); one line says what is mixed. Evaluations read the held-out split of `data.dataset`
+alone. With `train.steps` 0 the run lasts `train.epochs` passes over `data.dataset`.
 Pairs that cannot be used are counted by reason before training starts. At the end the last
 evaluation is printed by rating level and safety bin; the stage runner draws its score histogram
 to `WORKDIR/score_histogram.png` with the run's other figures (llama2_jax/plots.py). The workdir
@@ -28,11 +30,12 @@ import ml_collections
 
 from llama2_jax.errors import ConfigError
 from llama2_jax.data import sources
+from llama2_jax.data.companions import companions
 from llama2_jax.data.pipeline import Mixture, make_batches, open_split
 from llama2_jax.data.preferences import PairCounts, PreferencePairs, preference_spec, scan
 from llama2_jax.data.records import RATING_LEVELS, DataError
 from llama2_jax.data.tokenizer import Tokenizer
-from llama2_jax.stages.initial import (check_initial_checkpoint, initial_tokenizer, load_initial_model,
+from llama2_jax.stages.initial import (initial_tokenizer, load_initial_model, start_from_checkpoint,
                                        set_steps_from_epochs)
 from llama2_jax.train.config import model_config_from
 from llama2_jax.train.loop import TrainResult, train
@@ -40,6 +43,10 @@ from llama2_jax.train.preference_loss import MARGINS, SAFETY_BINS, UNSAFE_THRESH
 from llama2_jax.train.task import Task
 
 STAGE = "reward"
+# The `mix` key of the stages that train on preference pairs (reward, dpo).
+MIX_DOC = ("the other prepared preference datasets drawn into training: None, the companions of a bundled or "
+           "paper data.dataset (llama2_jax/data/companions.py) and none for data.paths; ((name, share of the "
+           "pairs), ...), yours; (), none. data.dataset takes the rest, and an epoch is one pass over it")
 CONFIG_DOCS = {
     "init_checkpoint": "the model to start from: a chat/SFT or pretrained language model (it gets a new score "
                        "head), or a reward model (ours, or Hugging Face LlamaForSequenceClassification)",
@@ -50,8 +57,7 @@ CONFIG_DOCS = {
                           "dataset with safety labels (the paper's rule for both models; false: keep them)",
     "reward.safety_aux_weight": "weight of the binary safe/unsafe loss on each response with a safety label "
                                 "(the paper's A.3.4 for the safety model; 0: off)",
-    "reward.mix": "other prepared preference datasets drawn into training, ((name, share of the pairs), ...); "
-                  "data.dataset takes the rest, and an epoch is one pass over it",
+    "reward.mix": MIX_DOC,
 }
 
 log = logging.getLogger(__name__)
@@ -63,11 +69,23 @@ def pair_settings(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return config[config.stage]
 
 
+def mix_entries(config: ml_collections.ConfigDict) -> tuple:
+    """The stage's `mix` as given, or for None the companions of data.dataset."""
+    mix = pair_settings(config).mix
+    if mix is None:
+        return companions(config.data)
+    if not isinstance(mix, (tuple, list)):
+        key = f"{config.stage}.mix"
+        raise ConfigError(f"{key}={mix!r} is not ((dataset name, share), ...); e.g. "
+                          f"--config.{key}='((\"safety_pairs\", 0.5),)', or () for none")
+    return mix
+
+
 def mixture(config: ml_collections.ConfigDict) -> tuple[list[str], list[float]]:
     """The training datasets and their shares of the pairs: data.dataset first, with what the
     stage's `mix` leaves."""
     names, shares, key = [config.data.dataset], [], f"{config.stage}.mix"
-    for entry in pair_settings(config).mix:
+    for entry in mix_entries(config):
         if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
                 and isinstance(entry[1], (int, float)) and entry[1] > 0):
             raise ConfigError(f"{key} entry {entry!r} is not (dataset name, share > 0); e.g. "
@@ -80,12 +98,32 @@ def mixture(config: ml_collections.ConfigDict) -> tuple[list[str], list[float]]:
     return names, [1 - sum(shares), *shares]
 
 
+def mixture_line(config: ml_collections.ConfigDict) -> str:
+    """What training draws from, in shares of the pairs, and why."""
+    names, shares = mixture(config)
+    drawn = ", ".join(f"{name} {share:g}" for name, share in zip(names, shares))
+    key = f"{config.stage}.mix"
+    if pair_settings(config).mix is not None:
+        why = f"{key} as set"
+    elif len(names) > 1:
+        why = f"{key} None: the companions of {config.data.dataset}; {key}=() trains on it alone"
+    else:
+        source = "data.paths" if config.data.paths else config.data.dataset
+        why = f"{key} None: nothing is mixed into {source}; {key}=((name, share), ...) names datasets to mix in"
+    return f"training mix: {drawn} ({why})"
+
+
 def open_preferences(config: ml_collections.ConfigDict, name: str, split: str):
     """The `split` of preference dataset `name`: data.dataset as the data section says (built from
     data.paths if given), another one already prepared in data.data_dir."""
     if name == config.data.dataset:
         return open_split(config.data, split, kind="preferences")
-    builder = sources.prepared_dataset(name, config.data.data_dir or None)
+    try:
+        builder = sources.prepared_dataset(name, config.data.data_dir or None)
+    except DataError as error:
+        key = f"{config.stage}.mix"
+        raise DataError(f"{key} mixes in {name}, and {error}; or set {key}=() to train on {config.data.dataset} "
+                        "alone") from None
     sources.check_kind(builder, "preferences")
     return sources.data_source(builder, split)
 
@@ -142,6 +180,7 @@ def count_pairs(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> list
     """What the encoder makes of every training dataset, printed; an error for a dataset of which
     nothing can be trained on."""
     encoder = pair_encoder(config, tokenizer)
+    report(mixture_line(config))
     counts = [scan(name, open_preferences(config, name, config.data.train_split), encoder)
               for name in mixture(config)[0]]
     for found in counts:
@@ -166,8 +205,9 @@ def pairs_per_epoch(config: ml_collections.ConfigDict, counts: list[PairCounts])
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Train the reward model as `config` says in `workdir` (resuming if it holds checkpoints)."""
     check_config(config)
-    tokenizer = initial_tokenizer(config)
-    check_initial_checkpoint(config, tokenizer)
+    tokenizer = start_from_checkpoint(config, kind=None)  # a language model, or a reward model to train on
+    # A reward model's context is what it is trained on, so it scores longer inputs as it was trained to.
+    config.model.max_seq_len = min(config.model.max_seq_len, config.train.seq_len)
     counts = count_pairs(config, tokenizer)
     set_steps_from_epochs(config, pairs_per_epoch(config, counts))
     result = train(config, workdir, make_task(config, tokenizer))

@@ -28,7 +28,7 @@ from llama2_jax import generate, storage
 from llama2_jax.data.dialogs import DialogPieces, example_messages, scan
 from llama2_jax.data.pipeline import open_split, packed_rows
 from llama2_jax.data.tokenizer import Tokenizer
-from llama2_jax.stages.initial import (check_initial_checkpoint, initial_tokenizer, load_initial_model,
+from llama2_jax.stages.initial import (initial_tokenizer, load_initial_model, start_from_checkpoint,
                                        set_steps_from_epochs)
 from llama2_jax.stages.pretrain import next_token_task
 from llama2_jax.train.loop import TrainResult, train
@@ -62,8 +62,7 @@ def rows_per_epoch(config: ml_collections.ConfigDict, piece_lengths) -> int:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     """Fine-tune as `config` says in `workdir` (resuming if it holds checkpoints); answer held-out prompts."""
-    tokenizer = initial_tokenizer(config)
-    check_initial_checkpoint(config, tokenizer, kind="llama")
+    tokenizer = start_from_checkpoint(config, kind="llama")
     encoder = DialogPieces(tokenizer, config.train.seq_len)
     counts = scan(open_split(config.data, config.data.train_split, kind="chat"), encoder)
     log.info("training dialogs: %s", counts.summary())

@@ -1,7 +1,8 @@
 """The config sections every stage shares, and one line on what each key means.
 
     stage      the stage the config is for (a module of llama2_jax/stages/)
-    model      the LlamaConfig fields, from a named size
+    model      the LlamaConfig fields: pretraining's from a named size; a stage that starts from a
+               checkpoint takes the architecture from the checkpoint (stages/initial.py)
     mesh       devices per mesh axis
     rules      logical axis -> mesh axes
     optimizer  AdamW, clipping, warmup + cosine, gradient accumulation
@@ -18,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections import config_dict
 
 from llama2_jax.data.config import DATA_DOCS, default_data_config
 from llama2_jax.errors import ConfigError
-from llama2_jax.model.config import LlamaConfig
+from llama2_jax.model.config import ARCHITECTURE_FIELDS, LlamaConfig
 from llama2_jax.sharding import DEFAULT_RULES
 from llama2_jax.train.optim import PAPER_OPTIMIZER
 
@@ -52,6 +54,13 @@ def base_config(stage: str, size: str, schedule: Schedule) -> ml_collections.Con
     else:
         model = model.replace(remat="minimal")  # the paper's sizes need it to fit a useful batch
     config.model = ml_collections.ConfigDict(dataclasses.asdict(model))
+    if stage != "pretrain":
+        # Every other stage starts from a checkpoint, and the checkpoint says what the model is: these
+        # keys stay None until the stage fills them from it (a value set here must agree with it). The
+        # size's shape is what `aot` and `bench` compile when there is no checkpoint to read.
+        config.model.size = size
+        for field in ARCHITECTURE_FIELDS:
+            config.model[field] = config_dict.placeholder(float if field in FLOAT_FIELDS else int)
 
     config.mesh = ml_collections.ConfigDict(
         dict(ici_data=1, ici_fsdp=-1, ici_tensor=1, dcn_data=-1, dcn_fsdp=1, dcn_tensor=1))
@@ -75,17 +84,23 @@ def base_config(stage: str, size: str, schedule: Schedule) -> ml_collections.Con
     return config
 
 
+FLOAT_FIELDS = ("ffn_dim_multiplier", "norm_eps", "rope_theta")
+
+# A stage that starts from a checkpoint shows None for the architecture keys until it has read them there.
+FROM_CHECKPOINT = "; None: init_checkpoint's (stages after pretraining; a value set must agree)"
 MODEL_DOCS = {
+    "size": "the size whose shape `aot` and `bench` compile when no init_checkpoint is there to read",
     "vocab_size": "tokens in the vocabulary (the tokenizer may have fewer, never more)",
     "dim": "model width",
     "n_layers": "transformer blocks",
     "n_heads": "query heads",
     "n_kv_heads": "key/value heads (grouped-query attention when fewer than n_heads)",
     "multiple_of": "Meta's FFN rounding: the hidden width is rounded up to a multiple of this",
-    "ffn_dim_multiplier": "Meta's FFN scale before rounding (None: 1)",
+    "ffn_dim_multiplier": "Meta's FFN scale before rounding (in pretraining, None is 1)",
     "norm_eps": "RMSNorm epsilon",
     "rope_theta": "RoPE base",
-    "max_seq_len": "longest sequence the model is used with (context for sampling)",
+    "max_seq_len": "longest sequence the model is used with (context for sampling); may be set below a "
+                   "checkpoint's, which is kept",
     "param_dtype": "storage dtype of the weights (float32 master weights for training)",
     "compute_dtype": "dtype of the matmuls; norms, softmax, logits and losses stay float32",
     "attention": "kernel: xla (everywhere), cudnn (GPU flash attention), splash (TPU Pallas)",
@@ -94,7 +109,7 @@ MODEL_DOCS = {
 
 KEY_DOCS = {
     "stage": "the stage this config is for (llama2_jax/stages/<stage>.py)",
-    **{f"model.{key}": doc for key, doc in MODEL_DOCS.items()},
+    **{f"model.{key}": doc + (FROM_CHECKPOINT if key in ARCHITECTURE_FIELDS else "") for key, doc in MODEL_DOCS.items()},
     "mesh.ici_data": "devices on the data axis within a slice (-1: the rest)",
     "mesh.ici_fsdp": "devices on the fsdp axis within a slice: parameters and optimizer state sharded",
     "mesh.ici_tensor": "devices on the tensor axis within a slice: heads, MLP and vocabulary split",
@@ -133,8 +148,15 @@ KEY_DOCS = {
 
 
 def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
-    """The `model` section as a LlamaConfig; an invalid value is a config error naming the key."""
+    """The `model` section as a LlamaConfig; an invalid value is a config error naming the key. A
+    stage that starts from a checkpoint has filled its architecture first (stages/initial.py)."""
+    unset = [key for key in ARCHITECTURE_FIELDS if config.model[key] is None and key != "ffn_dim_multiplier"]
+    if unset:
+        raise ConfigError(f"model.{unset[0]} is not set yet: it comes from init_checkpoint "
+                          f"({config.init_checkpoint or 'empty'}), read by stages.initial.start_from_checkpoint "
+                          "(or model_for_compiling, without a checkpoint)")
+    values = {key: value for key, value in config.model.to_dict().items() if key != "size"}
     try:
-        return LlamaConfig.from_dict(config.model.to_dict())
+        return LlamaConfig.from_dict(values)
     except ValueError as error:
         raise ConfigError(f"{error} (set it with --config.model.KEY=VALUE)") from None
