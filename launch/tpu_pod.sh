@@ -5,7 +5,7 @@
 #   launch/tpu_pod.sh create my-pod us-east5-a --accelerator-type=v5p-128
 #   launch/tpu_pod.sh setup  my-pod us-east5-a
 #   launch/tpu_pod.sh run    my-pod us-east5-a -- python -m llama2_jax train \
-#       --config=configs/pretrain.py:7b --workdir=gs://BUCKET/runs/7b
+#       --config=configs/pretrain.py:7b --workdir=gs://BUCKET/runs/7b --config.data.dataset=mycorpus
 #   launch/tpu_pod.sh logs   my-pod us-east5-a
 #   launch/tpu_pod.sh stop   my-pod us-east5-a
 #   launch/tpu_pod.sh delete my-pod us-east5-a
