@@ -26,6 +26,7 @@ from llama2_jax import reward, sharding  # noqa: E402
 from llama2_jax.checkpoint.load import load_tokenizer  # noqa: E402
 from llama2_jax.commands.compare import DEMO_INSTRUCTIONS, DEMO_PROMPTS, held_out_prompts  # noqa: E402
 from llama2_jax.eval.policies import compare  # noqa: E402
+from llama2_jax.stages.rejection_phases import CUT_ANSWER_EOS  # noqa: E402
 from scripts.make_demo_data import SAFE_REPLIES, is_safe  # noqa: E402
 
 MAX_NEW_TOKENS = 48
@@ -42,7 +43,7 @@ def main() -> None:
     tokenizer = load_tokenizer(args.sft)
     mesh = sharding.make_mesh()
     rms = reward.load_reward_models([args.helpfulness_rm, args.safety_rm], tokenizer, flag="--*-rm", mesh=mesh)
-    budget = min(model.config.max_seq_len for model in rms) - MAX_NEW_TOKENS
+    budget = min(model.config.max_seq_len for model in rms) - MAX_NEW_TOKENS - CUT_ANSWER_EOS
     prompts, instructed = (held_out_prompts(spec, tokenizer, budget) for spec in (DEMO_PROMPTS, DEMO_INSTRUCTIONS))
     print(f"{len(prompts.indices)} held-out prompts, {int(prompts.is_safety.sum())} of them safety prompts; "
           f"{len(instructed.indices)} held-out instruction prompts")
