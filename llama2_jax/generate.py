@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from llama2_jax import sharding
-from llama2_jax.model import axes, llama
+from llama2_jax.model import axes, llama, lora
 
 MIN_PROMPT_BUCKET = 16
 MIN_NEW_TOKENS_BUCKET = 16
@@ -158,6 +158,7 @@ def decoding_layout(
     is made by one compiled program straight into its shardings: no intermediate full copy.
     """
     mesh = mesh or model_mesh(model)
+    model = lora.merged(model)  # adapters merged into their weights once: a step costs what it costs without
     graphdef, state = nnx.split(model)
     compute_dtype = jnp.dtype(model.config.compute_dtype)
 

@@ -19,7 +19,7 @@ from llama2_jax.data.text import next_token_spec
 from llama2_jax.train.loop import train
 from llama2_jax.train.losses import make_next_token_loss
 from llama2_jax.train.optim import make_optimizer
-from llama2_jax.train.state import init_train_state, param_dict, train_state_shardings
+from llama2_jax.train.state import init_train_state, split_params, train_state_shardings
 from llama2_jax.train.step import make_train_step
 from llama2_jax.train.task import Task
 
@@ -220,7 +220,7 @@ def test_accumulated_micro_batches_equal_one_big_batch():
     optimizer, schedule = make_optimizer(config.optimizer, STEPS)
     rules = tuple(config.rules)
     model = create_model(MODEL, mesh, rules, seed=0)
-    graphdef, params = param_dict(model)
+    graphdef, params, frozen = split_params(model)
     shardings = train_state_shardings(nnx.state(model), optimizer, mesh, rules)
     rows = 32
     batch = {k: jax.device_put(v, batch_sharding(mesh)) for k, v in make_batch(7, rows).items()}
@@ -229,7 +229,7 @@ def test_accumulated_micro_batches_equal_one_big_batch():
         for micro_batches in (1, 4):
             step = jax.jit(make_train_step(graphdef, make_next_token_loss(), optimizer, schedule, micro_batches))
             state = init_train_state(jax.tree.map(jnp.copy, params), optimizer, shardings)
-            results[micro_batches] = step(state, batch)
+            results[micro_batches] = step(state, batch, frozen)
     (one_state, one_metrics), (four_state, four_metrics) = results[1], results[4]
     for name in ("loss", "grad_norm", "weight"):
         np.testing.assert_allclose(four_metrics[name], one_metrics[name], rtol=2e-6)

@@ -22,9 +22,9 @@ from typing import Mapping
 import ml_dtypes
 import numpy as np
 
-from llama2_jax.checkpoint import hf, hf_tokenizer, layout, meta, orbax_params
+from llama2_jax.checkpoint import hf, hf_tokenizer, layout, meta, orbax_params, peft
 from llama2_jax.checkpoint.lazy import LazyArray
-from llama2_jax.checkpoint.load import FORMATS, TOKENIZER_FILE, read_checkpoint, tokenizer_file
+from llama2_jax.checkpoint.load import FORMATS, TOKENIZER_FILE, detect_format, read_checkpoint, tokenizer_file
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.sharding import model_arrays
 
@@ -98,11 +98,22 @@ def convert(
     dtype: str | None = None,
     meta_shards: int = 1,
     max_shard_bytes: int = hf.DEFAULT_MAX_SHARD_BYTES,
+    base: str = "",
 ) -> tuple[LlamaConfig, int]:
-    """Convert a checkpoint; returns its config and the number of bytes written as tensors."""
+    """Convert a checkpoint; returns its config and the number of bytes written as tensors. A run
+    that trained adapters converts as the merged model, or to `peft` as its adapters alone; a `peft`
+    source is merged into `base` (any format) for the target."""
     if os.path.exists(target) and os.listdir(target):
         raise FileExistsError(f"{target} already exists and is not empty; choose a new directory")
-    config, tensors = read_checkpoint(source, source_format)
+    if target_format == "peft":
+        return export_adapters(source, source_format, target)
+    if source_format == "peft":
+        if not base:
+            raise ValueError("a peft directory holds adapters alone: name the model they adapt with --base DIR")
+        config, tensors = read_checkpoint(base)
+        tensors = peft.merged_tensors(source, config, tensors)
+    else:
+        config, tensors = read_checkpoint(source, source_format)
     if dtype is not None:
         tensors = {key: tensor.astype(DTYPES[dtype]) for key, tensor in tensors.items()}
         config = config.replace(param_dtype=dtype)
@@ -114,7 +125,24 @@ def convert(
         meta_shards=meta_shards,
         max_shard_bytes=max_shard_bytes,
     )
-    tokenizer = tokenizer_file(source, source_format)
+    weights = base if source_format == "peft" else source
+    tokenizer = tokenizer_file(weights, detect_format(weights))
     if tokenizer:
         copy_tokenizer(tokenizer, target, target_format, config, layout.kind_of(tensors))
     return config, sum(tensor.nbytes for tensor in tensors.values())
+
+
+def export_adapters(source: str, source_format: str, target: str) -> tuple[LlamaConfig, int]:
+    """A run's trained adapters as a peft directory (checkpoint/peft.py); no base is read."""
+    if source_format != "orbax" or not orbax_params.is_orbax_checkpoint(source):
+        raise ValueError(f"--to peft writes the adapters of a run that trained them; {source} is not such a run "
+                         "(--from orbax RUN)")
+    config, kind = orbax_params.read_config(source)
+    if not config.lora_rank:
+        raise ValueError(f"{source} trained every weight, so it has no adapters to write; convert it to hf instead")
+    if kind != "llama":
+        raise ValueError(f"{source} is a {kind} model; peft export covers language models (convert it to hf merged)")
+    adapters = orbax_params.restore_adapters(orbax_params.state_path(source))
+    record = orbax_params.read_base_record(source) or {}
+    peft.write_peft(target, config, adapters, base=record.get("path", ""))
+    return config, sum(array.nbytes for array in adapters.values())

@@ -23,8 +23,9 @@ from flax import nnx
 from llama2_jax import sharding, storage
 from llama2_jax.checkpoint import hf, layout, meta, orbax_params
 from llama2_jax.checkpoint.lazy import LazyArray
+from llama2_jax.model import lora
 from llama2_jax.model.config import LlamaConfig
-from llama2_jax.model.llama import MODEL_KINDS, Llama, LlamaRewardModel, Transformer, model_kind
+from llama2_jax.model.llama import MODEL_KINDS, LlamaRewardModel, Transformer, model_kind
 
 if TYPE_CHECKING:
     from llama2_jax.data.tokenizer import Tokenizer
@@ -64,6 +65,11 @@ def read_checkpoint(
     detected = detect_format(path)
     if format is not None and format != detected:
         raise ValueError(f"{path} is a {detected} checkpoint, not {format}")
+    if detected == "orbax" and orbax_params.read_config(path)[0].lora_rank:
+        # A run that trained adapters: its base and adapters merged on this host's devices.
+        model = load_pretrained(path, **config_overrides)
+        arrays = {name: np.asarray(array) for name, array in sharding.model_arrays(model).items()}
+        return model.config, layout.unstack_layers(model.config, arrays)
     return READERS[detected](path, **config_overrides)
 
 
@@ -132,24 +138,26 @@ def load_pretrained(
             f"{path} holds a {saved_kind} model, which has no next-token head to load as a {kind} "
             "model; load it as it is, or give a language model checkpoint"
         )
-    return _with_new_score_head(model, mesh, rules, seed)
+    return with_new_parameters(model, model.config, LlamaRewardModel, mesh, rules, seed)
 
 
-def _with_new_score_head(model: Llama, mesh: jax.sharding.Mesh, rules, seed: int) -> LlamaRewardModel:
-    """A reward model made of the language model's backbone (its arrays as they are, already laid
-    out by `rules`) and a score head initialised as a new `LlamaRewardModel`'s would be."""
-    config = model.config
-    graphdef, abstract_state = sharding.abstract_model(config, LlamaRewardModel)
+def with_new_parameters(model: nnx.Module, config: LlamaConfig, model_class: type, mesh: jax.sharding.Mesh,
+                        rules, seed: int) -> nnx.Module:
+    """A `model_class` of `config` holding `model`'s arrays (as they are laid out, cast to the new
+    model's dtypes), and for each parameter `model` lacks (a reward model's score head, low-rank
+    adapters) the value a new `model_class(config)` draws from `seed`."""
+    graphdef, abstract_state = sharding.abstract_model(config, model_class)
     shardings = dict(nnx.to_flat_state(sharding.state_shardings(abstract_state, mesh, rules)))
-    backbone = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    head = ("score", "kernel")
-    # Only the head leaves the jitted initialisation; the compiler drops the backbone's.
-    new_head = jax.jit(
-        lambda: nnx.state(LlamaRewardModel(config, rngs=nnx.Rngs(seed)), nnx.Param)["score"]["kernel"][...],
-        out_shardings=shardings[head].get_value(),
-    )()
+    kept = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    new = [path for path, _ in nnx.to_flat_state(abstract_state) if path not in kept]
+
+    def draw():  # only the new parameters leave: the compiler drops the rest of the initialisation
+        drawn = dict(nnx.to_flat_state(nnx.state(model_class(config, rngs=nnx.Rngs(seed)))))
+        return [drawn[path][...] for path in new]
+
+    drawn = dict(zip(new, jax.jit(draw, out_shardings=[shardings[path].get_value() for path in new])()))
     placed = [
-        (path, abstract.replace(new_head if path == head else backbone[path][...]))
+        (path, abstract.replace(drawn[path] if path in drawn else kept[path][...].astype(abstract.dtype)))
         for path, abstract in nnx.to_flat_state(abstract_state)
     ]
     return nnx.merge(graphdef, nnx.from_flat_state(placed))
@@ -159,6 +167,8 @@ def _restore_orbax(
     path: str, mesh: jax.sharding.Mesh, rules, config_overrides: dict
 ) -> Transformer:
     config, kind = orbax_params.read_config(path, **config_overrides)
+    if config.lora_rank:
+        return lora.merged(_restore_adapted(path, config, kind, mesh, rules), config.param_dtype)
     sharding.check_platform(config, mesh)
     graphdef, abstract_state = sharding.abstract_model(config, MODEL_KINDS[kind])
     sharding.check_fits_mesh(abstract_state, mesh, rules)
@@ -172,6 +182,36 @@ def _restore_orbax(
         for key, variable in nnx.to_flat_state(abstract_state)
     ]
     return nnx.merge(graphdef, nnx.from_flat_state(placed))
+
+
+def _restore_adapted(path: str, config: LlamaConfig, kind: str, mesh: jax.sharding.Mesh, rules) -> Transformer:
+    """A run that trained adapters: its base, read again from where the run read it (and checked
+    to be the same by its fingerprint), with the trained adapters and head from its checkpoint."""
+    from llama2_jax.train import lora_runs
+    from llama2_jax.train.state import split_model
+
+    record = orbax_params.read_base_record(path)
+    if record is None:
+        raise ValueError(f"{path}/model_config.json describes a model with adapters but names no base "
+                         f"({orbax_params.BASE_KEY}); it was not written by a training run here")
+    if not storage.as_path(record["path"]).exists():
+        raise FileNotFoundError(f"the base model of {path} is not at {record['path']} any more; put it back there, "
+                                "or export the run where the base is (convert --from orbax)")
+    base = load_pretrained(record["path"], config.compute_dtype, param_dtype=config.base_dtype, mesh=mesh,
+                           rules=rules, kind=kind, attention=config.attention, remat=config.remat,
+                           max_seq_len=config.max_seq_len)
+    model = with_new_parameters(base, config, MODEL_KINDS[kind], mesh, rules, seed=0)
+    graphdef, trained, frozen = split_model(model, config)
+    found = lora_runs.fingerprint(nnx.to_pure_dict(frozen))
+    if found != record["fingerprint"]:
+        raise ValueError(f"the base at {record['path']} (fingerprint {found}) is not the one {path} trained its "
+                         f"adapters on (fingerprint {record['fingerprint']}); restore that base there")
+    abstract = {".".join(map(str, key)): jax.ShapeDtypeStruct(variable.shape, variable.dtype,
+                                                              sharding=variable[...].sharding)
+                for key, variable in nnx.to_flat_state(trained)}
+    restored = orbax_params.restore_subset(orbax_params.state_path(path), abstract)
+    placed = [(key, variable.replace(restored[".".join(map(str, key))])) for key, variable in nnx.to_flat_state(trained)]
+    return nnx.merge(graphdef, nnx.from_flat_state(placed), frozen)
 
 
 def tokenizer_file(path: str | os.PathLike, format: str) -> str | None:

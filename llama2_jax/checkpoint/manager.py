@@ -318,9 +318,12 @@ def write_run_files(
     model_config: Mapping[str, Any],
     tokenizer_path: str | None,
     model_kind: str = "llama",
+    base: Mapping[str, str] | None = None,
 ) -> None:
     """Write config.json, model_config.json (the LlamaConfig fields plus `kind`, the model class's
-    name in llama2_jax.model.llama.TRAINED_KINDS) and a copy of the tokenizer into `workdir` (process 0)."""
+    name in llama2_jax.model.llama.TRAINED_KINDS, and for a model with adapters `lora_base`, where
+    its frozen base came from: train/lora_runs.py) and a copy of the tokenizer into `workdir`
+    (process 0)."""
     if model_kind not in TRAINED_KINDS:
         raise ValueError(f"unknown model kind {model_kind!r}; known kinds: {sorted(TRAINED_KINDS)}")
     if jax.process_index() != 0:
@@ -328,7 +331,7 @@ def write_run_files(
     directory = storage.as_path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / "config.json", config)
-    _write_json(directory / "model_config.json", {**model_config, "kind": model_kind})
+    _write_json(directory / "model_config.json", {**model_config, "kind": model_kind, **({"lora_base": base} if base else {})})
     if tokenizer_path:
         destination = directory / "tokenizer.model"
         source = storage.as_path(tokenizer_path)

@@ -32,6 +32,7 @@ from llama2_jax.model.config import LlamaConfig
 
 CONFIG_FILE = "model_config.json"
 KIND_KEY = "kind"
+BASE_KEY = "lora_base"  # train/lora_runs.py writes it
 STATE_DIR = "state"
 PARAMS_KEY = "params"
 
@@ -59,11 +60,37 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> tuple[LlamaConfig,
     """The model's config and kind from `model_config.json`."""
     fields = json.loads((storage.as_path(path) / CONFIG_FILE).read_text())
     kind = fields.pop(KIND_KEY, "llama")
+    fields.pop(BASE_KEY, None)  # a run with adapters: where its base is (read_base_record)
     if kind == "actor_critic":
         raise ValueError(f"{path} is a PPO run's training workdir (policy and value model trained together); load "
                          "the PPO workdir above it, which holds the trained policy")
     layout.check_kind(kind)
     return LlamaConfig.from_dict({**fields, **overrides}), kind
+
+
+def read_base_record(path: str | os.PathLike) -> dict[str, str] | None:
+    """Where the frozen base of a run with adapters is, and its fingerprint (train/lora_runs.py)."""
+    return json.loads((storage.as_path(path) / CONFIG_FILE).read_text()).get(BASE_KEY)
+
+
+def restore_subset(path: str, abstract: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """The parameters `abstract` names (dotted names -> shapes with shardings and dtypes), restored
+    into their shards; the checkpoint may hold others, which stay unread."""
+    saved = saved_shapes(path)
+    problems = [f"{key} is not in it" if key not in saved else f"{key} has shape {saved[key]}, not {want.shape}"
+                for key, want in abstract.items() if saved.get(key) != tuple(want.shape)]
+    if problems:
+        raise ValueError(f"{path} does not hold the trained parameters its model_config.json describes: "
+                         + "; ".join(problems[:3]))
+    restore_args = nest({key: ocp.ArrayRestoreArgs(sharding=want.sharding, dtype=want.dtype)
+                         for key, want in abstract.items()})
+    return _restore_params(path, restore_args, nest(dict(abstract)))
+
+
+def restore_adapters(path: str) -> dict[str, np.ndarray]:
+    """The low-rank adapters a training checkpoint holds, as host arrays by dotted name."""
+    keys = [key for key in saved_shapes(path) if "_lora." in key]
+    return _restore_params(path, nest({key: ocp.RestoreArgs(restore_type=np.ndarray) for key in keys}))
 
 
 def write_config(path: str | os.PathLike, config: LlamaConfig, kind: str) -> None:

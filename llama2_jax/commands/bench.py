@@ -31,7 +31,7 @@ import ml_collections
 from llama2_jax import config_cli, metrics, sharding
 from llama2_jax.cli import ArgumentParser, UsageError, reports_errors
 from llama2_jax.commands.aot import stage_steps
-from llama2_jax.train.state import init_train_state, param_dict
+from llama2_jax.train.state import init_train_state, split_params
 from llama2_jax.train.step import Steps
 
 PRETRAIN_CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "configs", "pretrain.py")
@@ -60,29 +60,31 @@ def shape_config(shape: str, overrides: Sequence[str]) -> ml_collections.ConfigD
 
 
 def random_state_and_batch(steps: Steps, seed: int = 0):
-    """A freshly initialised train state and one batch of random tokens, laid out for `steps`."""
+    """A freshly initialised train state, the frozen parameters (a model with adapters' base) and
+    one batch of random tokens, laid out for `steps`."""
     task = steps.task
     model = sharding.create_model(task.model_config, steps.mesh, steps.rules, seed, task.model_class)
-    state = init_train_state(param_dict(model)[1], steps.optimizer, steps.shardings)
+    _, trained, frozen = split_params(model)
+    state = init_train_state(trained, steps.optimizer, steps.shardings)
     batch = task.batch_spec.synthetic(steps.global_batch_size, task.model_config.vocab_size, seed)
-    return state, {name: jax.device_put(array, steps.batch_sharding) for name, array in batch.items()}
+    return state, frozen, {name: jax.device_put(array, steps.batch_sharding) for name, array in batch.items()}
 
 
 def bench_train(config: ml_collections.ConfigDict, *, timed_steps: int, warmup_steps: int) -> dict:
     """Compile, warm up and time the stage's update step; the figures as a dict."""
     steps = stage_steps(config, jax.devices())
-    state, batch = random_state_and_batch(steps, config.train.seed)
+    state, frozen, batch = random_state_and_batch(steps, config.train.seed)
     with steps.context():
         start = time.perf_counter()
-        state, step_metrics = steps.train_step(state, batch)
+        state, step_metrics = steps.train_step(state, batch, frozen)
         jax.block_until_ready(step_metrics)
         compile_s = time.perf_counter() - start
         for _ in range(warmup_steps):
-            state, step_metrics = steps.train_step(state, batch)
+            state, step_metrics = steps.train_step(state, batch, frozen)
         jax.block_until_ready(step_metrics)
         start = time.perf_counter()
         for _ in range(timed_steps):
-            state, step_metrics = steps.train_step(state, batch)
+            state, step_metrics = steps.train_step(state, batch, frozen)
         jax.block_until_ready(step_metrics)
         elapsed = time.perf_counter() - start
     model = steps.task.model_config

@@ -6,6 +6,10 @@ import dataclasses
 from typing import Any
 
 ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
+# The weights adapters can adapt (model/lora.py): attention's projections and the MLP's, all by
+# default, as QLoRA found best.
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+LORA_BASE_DTYPES = ("", "float32", "bfloat16", "float16")
 # What the backward pass keeps from the forward pass of a block instead of recomputing it: the name of a
 # `jax.checkpoint_policies` policy, or None for no rematerialisation at all.
 REMAT_POLICIES = {
@@ -14,6 +18,23 @@ REMAT_POLICIES = {
     "save_dots": "dots_saveable",  # keep every matmul's output, attention scores included
     "full": "nothing_saveable",  # keep only each block's input
 }
+
+
+def lora_problems(rank, alpha, targets, base_dtype) -> list[str]:
+    """What is wrong with adapter settings, in the `lora` config section's words."""
+    problems = []
+    if rank < 0:
+        problems.append(f"lora.rank is {rank}; 0 trains every weight, a positive rank trains adapters of that rank")
+    if rank > 0 and not alpha > 0:
+        problems.append(f"lora.alpha is {alpha}; the adapters' scale alpha / rank needs alpha > 0 (16 is usual)")
+    unknown = [target for target in targets if target not in LORA_TARGETS]
+    if unknown or (rank > 0 and not targets):
+        problems.append(f"lora.targets {tuple(targets)} holds {'unknown ' + str(unknown) if unknown else 'nothing'}; "
+                        f"choose among {LORA_TARGETS}")
+    if base_dtype not in LORA_BASE_DTYPES:
+        problems.append(f"lora.base_dtype is {base_dtype!r}; choose one of {LORA_BASE_DTYPES} (empty: the compute "
+                        "dtype)")
+    return problems
 
 
 def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None) -> int:
@@ -52,10 +73,17 @@ class LlamaConfig:
     compute_dtype: str = "bfloat16"
     attention: str = "xla"
     remat: str = "none"
+    # Low-rank adapters (model/lora.py): rank 0 is none. With adapters, the base weights are frozen
+    # and stored in `lora_base_dtype` (empty: the compute dtype), the adapters in `param_dtype`.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = LORA_TARGETS
+    lora_base_dtype: str = ""
 
     def __post_init__(self):
         if self.n_kv_heads is None:
             object.__setattr__(self, "n_kv_heads", self.n_heads)
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # a JSON list, read back
         problems = []
         if self.dim % self.n_heads:
             problems.append(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
@@ -73,8 +101,20 @@ class LlamaConfig:
             problems.append(f"remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
         if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len) <= 0:
             problems.append("vocab_size, dim, n_layers, n_heads and max_seq_len must be positive")
+        problems += lora_problems(self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_base_dtype)
         if problems:
             raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
+
+    @property
+    def base_dtype(self) -> str:
+        """What the weights other than adapters (and a reward model's head) are stored in."""
+        if not self.lora_rank:
+            return self.param_dtype
+        return self.lora_base_dtype or self.compute_dtype
+
+    def without_adapters(self) -> "LlamaConfig":
+        """The same model with its adapters merged away: weights in the adapters' dtype."""
+        return self.replace(lora_rank=0, lora_base_dtype="")
 
     @property
     def head_dim(self) -> int:

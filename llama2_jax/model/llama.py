@@ -3,7 +3,8 @@
 Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`, so one block is
 compiled whatever the depth; the remat policy wraps that one block. Weights are stored in
 `param_dtype` and cast to `compute_dtype` where they are used; norms, softmax and logits are
-float32.
+float32. With low-rank adapters (model/lora.py) the base weights are stored in `base_dtype` and the
+adapters in `param_dtype`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from llama2_jax.model import axes
+from llama2_jax.model import axes, lora
 from llama2_jax.model.attention import cached_attention, dot_product_attention
 from llama2_jax.model.config import REMAT_POLICIES, LlamaConfig
 from llama2_jax.model.rope import apply_rope
@@ -24,7 +25,7 @@ def _param(rngs: nnx.Rngs, shape, dtype, logical_axes, stddev=0.02) -> nnx.Param
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, config: LlamaConfig):
-        self.scale = nnx.Param(jnp.ones((dim,), config.param_dtype), logical_axes=(axes.NORM,))
+        self.scale = nnx.Param(jnp.ones((dim,), config.base_dtype), logical_axes=(axes.NORM,))
         self.eps = eps
         self.compute_dtype = config.compute_dtype
 
@@ -39,7 +40,7 @@ class Attention(nnx.Module):
         dim, heads, kv_heads, head_dim = (
             config.dim, config.n_heads, config.n_kv_heads, config.head_dim,
         )
-        dtype = config.param_dtype
+        dtype = config.base_dtype
         self.wq = _param(rngs, (dim, heads, head_dim), dtype, (axes.EMBED, axes.Q_HEADS, axes.HEAD_DIM))
         self.wk = _param(rngs, (dim, kv_heads, head_dim), dtype, (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
         self.wv = _param(rngs, (dim, kv_heads, head_dim), dtype, (axes.EMBED, axes.KV_HEADS, axes.HEAD_DIM))
@@ -53,9 +54,9 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
         cfg = self.config
         cast = lambda w: w[...].astype(cfg.compute_dtype)  # noqa: E731
-        q = jnp.einsum("btd,dhk->bthk", x, cast(self.wq))
-        k = jnp.einsum("btd,dhk->bthk", x, cast(self.wk))
-        v = jnp.einsum("btd,dhk->bthk", x, cast(self.wv))
+        q = lora.adapted(self, "wq", x, jnp.einsum("btd,dhk->bthk", x, cast(self.wq)))
+        k = lora.adapted(self, "wk", x, jnp.einsum("btd,dhk->bthk", x, cast(self.wk)))
+        v = lora.adapted(self, "wv", x, jnp.einsum("btd,dhk->bthk", x, cast(self.wv)))
         q = axes.constrain(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
         k = axes.constrain(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
         v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
@@ -71,14 +72,14 @@ class Attention(nnx.Module):
                 out = dot_product_attention(q, k, v, segment_ids, segment_ids, implementation=cfg.attention)
             else:
                 out = cached_attention(q, cache.keys, cache.values, segment_ids, cache.segment_ids, cache.index)
-        return jnp.einsum("bthk,hkd->btd", out, cast(self.wo)), cache
+        return lora.adapted(self, "wo", out, jnp.einsum("bthk,hkd->btd", out, cast(self.wo))), cache
 
 
 class FeedForward(nnx.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        dim, hidden, dtype = config.dim, config.ffn_dim, config.param_dtype
+        dim, hidden, dtype = config.dim, config.ffn_dim, config.base_dtype
         self.w1 = _param(rngs, (dim, hidden), dtype, (axes.EMBED, axes.MLP))
         self.w3 = _param(rngs, (dim, hidden), dtype, (axes.EMBED, axes.MLP))
         self.w2 = _param(
@@ -89,9 +90,10 @@ class FeedForward(nnx.Module):
 
     def __call__(self, x):
         cast = lambda w: w[...].astype(self.compute_dtype)  # noqa: E731
-        gate = jax.nn.silu(x @ cast(self.w1))
-        hidden = axes.constrain(gate * (x @ cast(self.w3)), (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
-        return hidden @ cast(self.w2)
+        gate = jax.nn.silu(lora.adapted(self, "w1", x, x @ cast(self.w1)))
+        up = lora.adapted(self, "w3", x, x @ cast(self.w3))
+        hidden = axes.constrain(gate * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
+        return lora.adapted(self, "w2", hidden, hidden @ cast(self.w2))
 
 
 class Block(nnx.Module):
@@ -100,6 +102,9 @@ class Block(nnx.Module):
         self.attention = Attention(config, rngs=rngs)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps, config)
         self.feed_forward = FeedForward(config, rngs=rngs)
+        # Drawn after every base weight, so a seed gives the same base with adapters or without.
+        lora.add_adapters(self.attention, "attention", config, rngs=rngs)
+        lora.add_adapters(self.feed_forward, "feed_forward", config, rngs=rngs)
 
     def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
         # Sequence parallelism: the stream and its norms stay split by length; each branch gathers
@@ -180,7 +185,7 @@ class Transformer(nnx.Module):
         self.config = config
         self.embedder = nnx.Module()
         self.embedder.embedding = _param(
-            rngs, (config.vocab_size, config.dim), config.param_dtype, (axes.VOCAB, axes.EMBED)
+            rngs, (config.vocab_size, config.dim), config.base_dtype, (axes.VOCAB, axes.EMBED)
         )
 
         @nnx.split_rngs(splits=config.n_layers)
@@ -274,7 +279,7 @@ class Llama(Transformer):
         super().__init__(config, rngs=rngs)
         self.output = nnx.Module()
         self.output.kernel = _param(
-            rngs, (config.dim, config.vocab_size), config.param_dtype, (axes.EMBED, axes.VOCAB)
+            rngs, (config.dim, config.vocab_size), config.base_dtype, (axes.EMBED, axes.VOCAB)
         )
 
     def __call__(

@@ -35,6 +35,7 @@ from llama2_jax.data.preferences import preference_spec
 from llama2_jax.data.records import RATING_LEVELS
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.errors import ConfigError
+from llama2_jax.model import lora
 from llama2_jax.stages import reward
 from llama2_jax.stages.initial import (initial_tokenizer, load_initial_model, start_from_checkpoint,
                                        set_steps_from_epochs)
@@ -48,7 +49,8 @@ from llama2_jax.train.task import Task
 STAGE = "dpo"
 CONFIG_DOCS = {
     "init_checkpoint": "the policy to start from (an SFT model), and the frozen reference unless dpo.reference is set",
-    "dpo.reference": "the frozen reference policy (empty: init_checkpoint)",
+    "dpo.reference": "the frozen reference policy (empty: init_checkpoint; with lora.rank > 0 the policy's own base, "
+                     "adapters off, read in the step without a second copy)",
     "dpo.beta": "beta: how far the implicit reward beta (log pi - log pi_ref) scales",
     "dpo.loss": "sigmoid (DPO) or ipo",
     "dpo.margin": "m(rating) subtracted inside the sigmoid, the reward stage's tables: none, small (1, 2/3, 1/3, "
@@ -77,11 +79,24 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     reward.mixture(config)
 
 
-def batch_spec(seq_len: int) -> BatchSpec:
-    """The reward stage's pair rows with answer masks, and the reference's log-probs per pair."""
+def batch_spec(seq_len: int, reference: bool = True) -> BatchSpec:
+    """The reward stage's pair rows with answer masks, and (unless the step computes them itself)
+    the reference's log-probs per pair."""
     pairs = preference_spec(seq_len, answer_masks=True)
-    return BatchSpec({**pairs.fields, **{name: Field((), "float32", "zeros") for name in REFERENCE_FIELDS}},
-                     packed=False, weight_field=pairs.weight_field)
+    fields = {name: Field((), "float32", "zeros") for name in REFERENCE_FIELDS} if reference else {}
+    return BatchSpec({**pairs.fields, **fields}, packed=False, weight_field=pairs.weight_field)
+
+
+def with_reference_in_step(loss_fn):
+    """DPO's loss for a policy that trains adapters: the reference is its own base, the adapters
+    off (`lora.without_adapters`), read in the step from the weights the policy already holds, so
+    no second copy is loaded. The same numbers a separately loaded base gives."""
+
+    def loss(model, batch):
+        chosen, rejected = jax.lax.stop_gradient(answer_log_probs(lora.without_adapters(model), batch))
+        return loss_fn(model, {**batch, "reference_chosen": chosen, "reference_rejected": rejected})
+
+    return loss
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -119,6 +134,9 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
     check_config(config)
     train_config, data = config.train, config.data
     pairs_spec = preference_spec(train_config.seq_len, answer_masks=True)
+    model_config = model_config_from(config)
+    # A policy that trains adapters is its own reference, adapters off; dpo.reference names another.
+    reference_in_step = bool(model_config.lora_rank) and not config.dpo.reference
     references: dict[int, nnx.Module] = {}
 
     def reference(mesh: Mesh, rules) -> Callable[[], nnx.Module]:
@@ -142,12 +160,13 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
         made = make_batches(data, source, pairs_spec, reward.pair_encoder(config, pair_tokenizer, answer_masks=True),
                             global_batch_size=train_config.global_batch_size, mesh=mesh, rules=rules,
                             seed=train_config.seed, num_epochs=num_epochs)
-        return ReferenceLogProbs(made, reference(mesh, rules))
+        return made if reference_in_step else ReferenceLogProbs(made, reference(mesh, rules))
 
+    loss_fn = make_dpo_loss(beta=config.dpo.beta, loss=config.dpo.loss, margin=config.dpo.margin)
     return Task(
-        model_config=model_config_from(config),
-        loss_fn=make_dpo_loss(beta=config.dpo.beta, loss=config.dpo.loss, margin=config.dpo.margin),
-        batch_spec=batch_spec(train_config.seq_len),
+        model_config=model_config,
+        loss_fn=with_reference_in_step(loss_fn) if reference_in_step else loss_fn,
+        batch_spec=batch_spec(train_config.seq_len, reference=not reference_in_step),
         train_batches=lambda mesh, rules: batches(mesh, rules, data.train_split, None),
         eval_batches=((lambda mesh, rules: batches(mesh, rules, data.eval_split, 1))
                       if train_config.eval_every else None),

@@ -141,7 +141,7 @@ def score_groups(model: nnx.Module, frozen: FrozenModels, tokens: list, answers:
     rows = training_rows(tokens, answers, settings.seq_len)
     mask = rows["answer_mask"]
     scores, metrics = rewards(frozen, tokens, answers, indices)
-    log_probs, reference = policy_and_reference(model, frozen.reference, rows, settings, mesh, rules)
+    log_probs, reference = policy_and_reference(model, frozen.reference_of(model), rows, settings, mesh, rules)
     groups = np.array([answer.prompt for answer in answers])
     advantages = grpo_loss.group_advantages(scores, groups, scale)
     kl, kl_k3 = (estimate * mask for estimate in ppo_loss.kl_estimates(log_probs, reference))
@@ -234,7 +234,7 @@ def evaluate(model: nnx.Module, frozen: FrozenModels, rewards: Rewards, prompts:
     tokens = [prompts.tokens[index] for index in indices]
     scores, metrics = rewards(frozen, prompts, tokens, answers, indices, settings, mesh, rules)
     rows = training_rows(tokens, answers, settings.seq_len)
-    log_probs, reference = policy_and_reference(model, frozen.reference, rows, settings, mesh, rules)
+    log_probs, reference = policy_and_reference(model, frozen.reference_of(model), rows, settings, mesh, rules)
     kl = ((log_probs - reference) * rows["answer_mask"]).sum(axis=1)
     records = [{"prompt": prompts.indices[answer.prompt], "messages": prompts.prompts[prompts.indices[answer.prompt]]
                 .dialog(), "answer": rewards.text(answer), "finished": answer.finished, "reward": float(score),

@@ -13,13 +13,15 @@ with whatever size preset the config was made for. `aot` and `bench` read it the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import ml_collections
 
 from llama2_jax import storage
-from llama2_jax.checkpoint.load import TOKENIZER_FILE, checkpoint_config, load_pretrained, load_tokenizer
+from llama2_jax.checkpoint.load import (TOKENIZER_FILE, checkpoint_config, load_pretrained, load_tokenizer,
+                                        with_new_parameters)
 from llama2_jax.errors import ConfigError
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.model.config import ARCHITECTURE_FIELDS, LlamaConfig
@@ -120,12 +122,18 @@ def initial_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
 def load_initial_model(config: ml_collections.ConfigDict, mesh, rules, kind: str | None = None):
     """The initial checkpoint on the run's mesh, laid out by its rules, with the config's storage and
     compute dtypes, kernel, remat and context; `kind="reward"` puts a language model's backbone
-    under a new score head (drawn from train.seed)."""
+    under a new score head (drawn from train.seed). With `lora.rank` > 0 the checkpoint is the
+    frozen base, read straight into `lora.base_dtype`, and gains new adapters (drawn from
+    train.seed; B is zero, so the model starts as its base)."""
     model_config = model_config_from(config)
-    return load_pretrained(
-        config.init_checkpoint, dtype=model_config.compute_dtype, param_dtype=model_config.param_dtype,
+    model = load_pretrained(
+        config.init_checkpoint, dtype=model_config.compute_dtype, param_dtype=model_config.base_dtype,
         mesh=mesh, rules=rules, kind=kind, seed=config.train.seed, attention=model_config.attention,
         remat=model_config.remat, max_seq_len=model_config.max_seq_len)
+    if not model_config.lora_rank:
+        return model
+    adapted = dataclasses.replace(model_config, **{field: getattr(model.config, field) for field in ARCHITECTURE_FIELDS})
+    return with_new_parameters(model, adapted, type(model), mesh, rules, config.train.seed)
 
 
 def set_steps_from_epochs(config: ml_collections.ConfigDict, rows_per_epoch: float) -> None:

@@ -8,7 +8,8 @@ helpfulness and safety reward models and held near the policy it started from.
 The run holds five models on one mesh: the policy and the value model, trained (`ActorCritic`, each
 with an AdamW of its own: `optimizer.peak_lr` and `ppo.value_lr`), and three frozen ones, loaded once
 in `ppo.frozen_dtype`: the reference policy (`init_checkpoint` again), which the KL term holds the
-policy near, and the two reward models. Each of `ppo.iterations` iterations samples `ppo.rollouts`
+policy near, and the two reward models. With `lora.rank` > 0 the policy and the value model train
+adapters on frozen bases, and the policy's base, adapters off, is the reference: four. Each of `ppo.iterations` iterations samples `ppo.rollouts`
 answers from the current policy and trains on them (llama2_jax/stages/ppo_rollouts.py) with the
 losses of llama2_jax/train/ppo_loss.py, on the one training loop: checkpoints hold both trained
 models, both optimizers and the position in the rollouts, so a stopped run (SIGTERM, Ctrl-C: exit
@@ -33,6 +34,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from llama2_jax import plots, sharding, storage
@@ -123,7 +125,9 @@ class Frozen:
                                        max_seq_len=self.config.model.max_seq_len)
 
             rewards = self.reward_models
-            self.models = FrozenModels(load(self.config.init_checkpoint),
+            # A policy that trains adapters holds its base already: that is the reference.
+            adapters = "lora" in self.config and self.config.lora.rank > 0
+            self.models = FrozenModels(None if adapters else load(self.config.init_checkpoint),
                                        load(section.helpfulness_rm) if rewards else None,
                                        load(section.safety_rm) if rewards and section.safety_rm else None)
         return self.models
@@ -285,13 +289,13 @@ def check_value_model(config: ml_collections.ConfigDict) -> None:
 
 
 def check_memory(config: ml_collections.ConfigDict, mesh: Mesh, rules) -> dict[str, float]:
-    """What one device holds of the five models (memory_per_device) against its memory; a clear error
+    """What one device holds of the models (memory_per_device) against its memory; a clear error
     naming what to change when they do not fit. Activations and the KV cache come on top."""
     needed = memory_per_device(model_config_from(config), config.ppo.frozen_dtype, mesh, rules)
     available = config.ppo.device_memory_gib * GIB or _device_memory()
     if available and needed["total"] > available:
         parts = ", ".join(f"{name} {value / GIB:.1f} GiB" for name, value in needed.items() if name != "total")
-        raise ValueError(f"PPO's five models need {needed['total'] / GIB:.1f} GiB per device ({parts}) but a device "
+        raise ValueError(f"PPO's models need {needed['total'] / GIB:.1f} GiB per device ({parts}) but a device "
                          f"has {available / GIB:.1f} GiB; shard them over more devices (--config.mesh.ici_fsdp) or "
                          "use a smaller model")
     return needed
@@ -301,24 +305,33 @@ GIB = float(2**30)
 
 
 def memory_per_device(model_config, frozen_dtype: str, mesh: Mesh, rules) -> dict[str, float]:
-    """Bytes one device holds, from the parameters' shards under `rules`: the trained policy and value
-    model (float32 weights, two AdamW moments and a gradient: 16 bytes a parameter), the three frozen
-    models (in frozen_dtype) and the rollout's copy of the policy in the decoding layout (compute
-    dtype, not sharded over fsdp)."""
+    """Bytes one device holds, from the parameters' shards under `rules`: what the policy and the
+    value model train (float32 weights, two AdamW moments and a gradient: 16 bytes a parameter), their
+    frozen bases when they train adapters (in the base dtype), the frozen models (in frozen_dtype:
+    the reference, unless the policy's base is it, and both reward models) and the rollout's copy of
+    the policy in the decoding layout (compute dtype, not sharded over fsdp)."""
     from llama2_jax.model.llama import Llama, LlamaRewardModel
+    from llama2_jax.train.state import split_model
 
-    def shard_bytes(model_class, bytes_per_parameter: float, layout_rules) -> float:
-        _, abstract = sharding.abstract_model(model_config, model_class)
-        shardings = sharding.state_shardings(abstract, mesh, layout_rules)
-        leaves = zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings))
+    def shard_bytes(state, bytes_per_parameter: float, layout_rules) -> float:
+        shardings = sharding.state_shardings(state, mesh, layout_rules)
+        leaves = zip(jax.tree.leaves(state), jax.tree.leaves(shardings))
         return sum(math.prod(where.shard_shape(leaf.shape)) * bytes_per_parameter for leaf, where in leaves)
 
-    frozen = np.dtype(frozen_dtype).itemsize
-    compute = np.dtype(model_config.compute_dtype).itemsize
+    def parts_of(model_class, config):
+        _, trained, frozen = split_model(nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0))), config)
+        return trained, frozen
+
+    plain = model_config.without_adapters()
+    frozen, base = np.dtype(frozen_dtype).itemsize, np.dtype(model_config.base_dtype).itemsize
+    trained = [parts_of(model_class, model_config) for model_class in (Llama, LlamaRewardModel)]
+    frozen_models = [Llama] * (not model_config.lora_rank) + [LlamaRewardModel] * 2
     parts = {
-        "trained": shard_bytes(Llama, 16, rules) + shard_bytes(LlamaRewardModel, 16, rules),
-        "frozen": shard_bytes(Llama, frozen, rules) + 2 * shard_bytes(LlamaRewardModel, frozen, rules),
-        "decoding": shard_bytes(Llama, compute, sharding.generation_rules(rules)),
+        "trained": sum(shard_bytes(part, 16, rules) for part, _ in trained),
+        "bases": sum(shard_bytes(part, base, rules) for _, part in trained),
+        "frozen": sum(shard_bytes(parts_of(model_class, plain)[0], frozen, rules) for model_class in frozen_models),
+        "decoding": shard_bytes(parts_of(Llama, plain)[0], np.dtype(model_config.compute_dtype).itemsize,
+                                sharding.generation_rules(rules)),
     }
     return {**parts, "total": sum(parts.values())}
 

@@ -29,13 +29,13 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh
 
 from llama2_jax import generate, reward, sharding
+from llama2_jax.model import lora
 from llama2_jax.generate import to_host
 from llama2_jax.length_batches import place_rows
 from llama2_jax.stages.rejection_phases import Answer, part_seed, sample_answers, scored_sequence
@@ -50,9 +50,13 @@ METRICS_KEY = "_metrics"  # the rollout's metrics, as JSON, beside its rows in i
 class FrozenModels:
     """The models PPO reads and never trains, on the run's mesh."""
 
-    reference: nnx.Module
+    reference: nnx.Module | None  # None: the policy trains adapters, and its base is the reference
     helpfulness: nnx.Module | None  # None: rewards from a program (GRPO's grpo.reward_fn)
     safety: nnx.Module | None
+
+    def reference_of(self, policy: nnx.Module) -> nnx.Module:
+        """The reference the KL holds `policy` near: the frozen one, or the policy's own base."""
+        return self.reference if self.reference is not None else lora.without_adapters(policy)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +183,7 @@ def score_rollout(model: nnx.Module, frozen: FrozenModels, prompts: Sequence[Seq
                                                                    mesh, rules)
     graphdef, state = nnx.split(model)
     log_probs, values = in_chunks(_policy_terms, graphdef, state, rows, settings.mini_batch, mesh, rules)
-    reference_graphdef, reference_state = nnx.split(frozen.reference)
+    reference_graphdef, reference_state = nnx.split(frozen.reference_of(model.policy))
     reference = in_chunks(token_log_probs, reference_graphdef, reference_state, rows, settings.mini_batch,
                            mesh, rules)
     if not (np.all(np.isfinite(log_probs)) and np.all(np.isfinite(values)) and np.all(np.isfinite(reference))):

@@ -28,6 +28,7 @@ from jax.experimental import multihost_utils
 from llama2_jax import storage
 from llama2_jax.checkpoint.load import TOKENIZER_FILE
 from llama2_jax.checkpoint.orbax_params import STATE_DIR, save_params
+from llama2_jax.model import lora
 from llama2_jax.sharding import model_arrays
 
 POOL_FILE = "pool.jsonl"
@@ -115,8 +116,9 @@ def exported_round(workdir: str | os.PathLike) -> int | None:
 
 
 def export_policy(workdir: str | os.PathLike, round_number: int, model, tokenizer_path: str | os.PathLike) -> None:
-    """The policy as the workdir's own checkpoint (`state/`, `model_config.json`, `tokenizer.model`),
-    replacing the previous round's; `policy.json` names the round once the parameters are complete."""
+    """The policy (its adapters merged, if it trained some) as the workdir's own checkpoint (`state/`,
+    `model_config.json`, `tokenizer.model`), replacing the previous round's; `policy.json` names the round once the parameters are complete."""
+    model = lora.merged(model, model.config.param_dtype)  # adapters merged: a model like any other
     directory = storage.as_path(workdir)
     if jax.process_index() == 0:
         (directory / POLICY_FILE).unlink(missing_ok=True)

@@ -8,6 +8,7 @@
     optimizer  AdamW, clipping, warmup + cosine, gradient accumulation
     train      length, batch, cadence of logs, evaluations and checkpoints
     data       dataset, tokenizer and loading (llama2_jax/data/config.py)
+    lora       low-rank adapters, in every stage after pretraining (llama2_jax/model/lora.py)
 
 Config files in configs/ choose values for these keys and add their stage's own section (documented
 in the stage module's `CONFIG_DOCS`). `python -m llama2_jax <stage> --config=FILE:SIZE --help`
@@ -23,7 +24,7 @@ from ml_collections import config_dict
 
 from llama2_jax.data.config import DATA_DOCS, default_data_config
 from llama2_jax.errors import ConfigError
-from llama2_jax.model.config import ARCHITECTURE_FIELDS, LlamaConfig
+from llama2_jax.model.config import ARCHITECTURE_FIELDS, LORA_TARGETS, LlamaConfig, lora_problems
 from llama2_jax.sharding import DEFAULT_RULES
 from llama2_jax.train.optim import PAPER_OPTIMIZER
 
@@ -53,7 +54,9 @@ def base_config(stage: str, size: str, schedule: Schedule) -> ml_collections.Con
         model = model.replace(compute_dtype="float32")
     else:
         model = model.replace(remat="minimal")  # the paper's sizes need it to fit a useful batch
-    config.model = ml_collections.ConfigDict(dataclasses.asdict(model))
+    # The adapters' settings are the `lora` section's (below), not the model's.
+    config.model = ml_collections.ConfigDict({key: value for key, value in dataclasses.asdict(model).items()
+                                              if not key.startswith("lora_")})
     if stage != "pretrain":
         # Every other stage starts from a checkpoint, and the checkpoint says what the model is: these
         # keys stay None until the stage fills them from it (a value set here must agree with it). The
@@ -81,6 +84,8 @@ def base_config(stage: str, size: str, schedule: Schedule) -> ml_collections.Con
         peak_flops=0.0,
     ))
     config.data = default_data_config()
+    if stage != "pretrain":
+        config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=LORA_TARGETS, base_dtype=""))
     return config
 
 
@@ -143,6 +148,10 @@ KEY_DOCS = {
     "train.keep_checkpoints": "newest checkpoints kept",
     "train.z_loss_weight": "PaLM's z-loss on log Z^2 (0: off, as in the paper)",
     "train.peak_flops": "FLOP/s of one device for MFU (0: looked up from the device kind)",
+    "lora.rank": "rank of the low-rank adapters trained in place of every weight (0: none, every weight trains)",
+    "lora.alpha": "the adapters' scale is alpha / rank",
+    "lora.targets": "the weights that get adapters: attention's q, k, v, o and the MLP's gate, up, down",
+    "lora.base_dtype": "storage dtype of the frozen base under adapters (empty: the compute dtype)",
     **{f"data.{key}": doc for key, doc in DATA_DOCS.items()},
 }
 
@@ -156,6 +165,13 @@ def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
                           f"({config.init_checkpoint or 'empty'}), read by stages.initial.start_from_checkpoint "
                           "(or model_for_compiling, without a checkpoint)")
     values = {key: value for key, value in config.model.to_dict().items() if key != "size"}
+    if "lora" in config:
+        lora = config.lora
+        problems = lora_problems(lora.rank, lora.alpha, lora.targets, lora.base_dtype)
+        if problems:
+            raise ConfigError("; ".join(problems))
+        values.update(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=tuple(lora.targets),
+                      lora_base_dtype=lora.base_dtype)
     try:
         return LlamaConfig.from_dict(values)
     except ValueError as error:

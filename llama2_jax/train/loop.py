@@ -29,7 +29,8 @@ from jax.sharding import Mesh
 from llama2_jax import metrics as metrics_lib
 from llama2_jax import sharding, storage
 from llama2_jax.checkpoint.manager import CheckpointManager, write_run_files
-from llama2_jax.train.state import TrainState, init_train_state, param_dict
+from llama2_jax.train import lora_runs
+from llama2_jax.train.state import TrainState, init_train_state, split_params
 from llama2_jax.train.step import Metrics, Steps, build_steps, normalised_metrics
 from llama2_jax.train.stopping import StopRequests
 from llama2_jax.train.task import Task
@@ -47,10 +48,11 @@ class TrainResult:
     eval_metrics: dict[str, float | list[float]]  # the last evaluation's
     interrupted: bool  # stopped by SIGTERM or Ctrl-C before config.train.steps
     early_stopped: str | None = None  # why the task's early_stop ended the run, if it did
+    frozen: Any = dataclasses.field(default_factory=dict)  # the parameters the run did not train
 
     def model(self) -> nnx.Module:
-        """The trained model (sharded like the train state)."""
-        return nnx.merge(self.graphdef, self.state.params)
+        """The trained model (sharded like the train state), adapters and all."""
+        return nnx.merge(self.graphdef, self.state.params, self.frozen)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainResult:
@@ -63,24 +65,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, task: Task) -> TrainR
     latest = checkpoints.latest_step()
     steps = build_steps(task, config, mesh, rules, schedule_steps=_schedule_steps(config, checkpoints, latest))
     train_batches = task.train_batches(mesh, rules)
+    initial_model = task.initial_model or _random_model(task, config.train.seed)
     if latest is not None:
         start_step, state = checkpoints.restore(steps.abstract_state(), train_batches)
         log.info("resumed from step %d in %s", start_step, checkpoints.directory)
+        # The frozen base is no part of a checkpoint: it is read again from where the run started.
+        frozen = _frozen_params(initial_model(mesh, rules), steps) if nnx.to_flat_state(steps.abstract_frozen) else {}
     else:
         start_step = 0
-        model = (task.initial_model or _random_model(task, config.train.seed))(mesh, rules)
-        state = init_train_state(_as_train_params(param_dict(model)[1], steps), steps.optimizer, steps.shardings)
-        del model
-    write_run_files(workdir, config.to_dict(), task.model_config.to_dict(), task.tokenizer_path, task.model_kind)
+        _, trained, frozen = split_params(initial_model(mesh, rules))
+        state = init_train_state(_cast_to(trained, steps.abstract_model, steps.shardings.params), steps.optimizer,
+                                 steps.shardings)
+        frozen = _cast_to(frozen, steps.abstract_frozen, steps.frozen_shardings)
+    base = lora_runs.base_record(config, frozen, workdir, resuming=latest is not None) if frozen else None
+    write_run_files(workdir, config.to_dict(), task.model_config.to_dict(), task.tokenizer_path, task.model_kind,
+                    base=base)
 
-    run = _Run(config, workdir, task, steps, checkpoints, start_step)
+    run = _Run(config, workdir, task, steps, checkpoints, start_step, frozen)
     try:
         with steps.context():
             state, interrupted = run.loop(state, train_batches)
     finally:
         run.close()
     return TrainResult(state, steps.graphdef, mesh, rules, run.last_metrics, run.last_eval_metrics, interrupted,
-                       run.early_stopped)
+                       run.early_stopped, frozen)
 
 
 def _schedule_steps(config: ml_collections.ConfigDict, checkpoints: CheckpointManager, latest: int | None) -> int:
@@ -105,20 +113,26 @@ def _random_model(task: Task, seed: int) -> Callable[[Mesh, Any], nnx.Module]:
     return create
 
 
-def _as_train_params(params: Any, steps: Steps) -> Any:
-    """The initial parameters in the train state's dtype and layout (a no-op when they already are:
-    a pretrained model in bfloat16 becomes float32 master weights, sharded by the run's rules)."""
-    dtypes = jax.tree.map(lambda abstract: abstract.dtype, nnx.to_pure_dict(steps.abstract_model))
+def _cast_to(params: Any, abstract: nnx.State, shardings: Any) -> Any:
+    """Parameters in the dtypes and layout of `abstract` and `shardings` (a no-op when they already
+    are: a pretrained model in bfloat16 becomes float32 master weights, sharded by the run's rules)."""
+    dtypes = jax.tree.map(lambda variable: variable.dtype, nnx.to_pure_dict(abstract))
     cast = jax.jit(lambda tree: jax.tree.map(lambda leaf, dtype: leaf.astype(dtype), tree, dtypes),
-                   out_shardings=steps.shardings.params)
+                   out_shardings=shardings)
     return cast(params)
+
+
+def _frozen_params(model: nnx.Module, steps: Steps) -> Any:
+    """The frozen part of a freshly started model, as the step takes it."""
+    return _cast_to(split_params(model)[2], steps.abstract_frozen, steps.frozen_shardings)
 
 
 class _Run:
     """The stepping, logging, evaluation and checkpoint cadence of one `train` call."""
 
-    def __init__(self, config, workdir, task: Task, steps: Steps, checkpoints, start_step: int):
+    def __init__(self, config, workdir, task: Task, steps: Steps, checkpoints, start_step: int, frozen: Any):
         self.config, self.task, self.steps, self.checkpoints = config, task, steps, checkpoints
+        self.frozen = frozen
         self.train_config = config.train
         self.start_step = start_step
         self.writer = metrics_lib.MetricsWriter(workdir, resume_after_step=start_step)
@@ -147,7 +161,7 @@ class _Run:
                 if stop.should_stop(step):
                     interrupted = True
                     break
-                state, step_metrics = self.steps.train_step(state, self._next_batch(state, train_batches))
+                state, step_metrics = self.steps.train_step(state, self._next_batch(state, train_batches), self.frozen)
                 # At most two steps in flight: the devices still never wait for the host, and a stop
                 # is a step or two of device time away, not as many steps as the host had run ahead.
                 jax.block_until_ready(previous_metrics)
@@ -194,7 +208,7 @@ class _Run:
         if not self.task.on_policy:
             return next(train_batches)
         start = time.perf_counter()
-        batch, made = train_batches.next_batch(nnx.merge(self.steps.graphdef, state.params))
+        batch, made = train_batches.next_batch(self.steps.model(state.params, self.frozen))
         self.batch_metrics.update(made)
         self.making_batches_s += time.perf_counter() - start
         return batch
@@ -225,14 +239,14 @@ class _Run:
                 break
             # One evaluation step at a time: independent programs with collectives that run at once
             # can deadlock on a CPU host's simulated devices, which share one small thread pool.
-            sums = jax.block_until_ready(self.steps.eval_step(state.params, batch))
+            sums = jax.block_until_ready(self.steps.eval_step(state.params, batch, self.frozen))
             totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
         if totals is None and self.task.eval_batches:
             log.warning("evaluation at step %d found no batches", step)
             return
         values = metrics_lib.host_values(normalised_metrics(totals)) if totals is not None else {}
         if self.task.model_evals:
-            model = nnx.merge(self.steps.graphdef, state.params)
+            model = self.steps.model(state.params, self.frozen)
             values.update(self.task.model_evals(model, self.steps.mesh, self.steps.rules))
         self.last_eval_metrics = values
         self.writer.write(step, values, prefix="eval_")

@@ -1,9 +1,12 @@
 """The train state: step, parameters and optimizer state as one pytree, laid out on the mesh.
 
-Parameters are the model's `nnx.Param` state as a plain nested dict (`{"layers": {"attention":
-{"wq": array}}}`), which is what orbax saves and what `nnx.merge(graphdef, params)` accepts; the
-graphdef (the model's structure) is static and lives beside the state, never inside it.
-Optimizer moments take their parameter's sharding, so FSDP shards them too.
+Parameters are the model's trained `nnx.Param` state as a plain nested dict (`{"layers":
+{"attention": {"wq": array}}}`), which is what orbax saves and what `nnx.merge(graphdef, params,
+frozen)` accepts; the graphdef (the model's structure) is static and lives beside the state, never
+inside it. A model with low-rank adapters trains those (and a reward model's score head) alone:
+its other parameters are `frozen`, passed to the step beside the state, with no gradient, no
+optimizer state and no place in the checkpoints (`split_params`); without adapters `frozen` is
+empty. Optimizer moments take their parameter's sharding, so FSDP shards them too.
 """
 
 from __future__ import annotations
@@ -27,11 +30,25 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def param_dict(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any]]:
-    """The model's graphdef and its parameters as a nested dict (no other state is allowed: a
-    training model is its parameters)."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    return graphdef, nnx.to_pure_dict(params)
+def trained_filter(config) -> nnx.filterlib.Filter:
+    """What a run steps: every parameter, or with adapters (`config.lora_rank`) the adapters and a
+    reward model's score head, which a base language model never had."""
+    if not config.lora_rank:
+        return nnx.Param
+    return nnx.Any(nnx.LoRAParam, nnx.PathContains("score"))
+
+
+def split_model(model_or_state, config) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """The graphdef, the trained and the frozen parameters of a model (or of its abstract state's
+    model): a training model is its parameters, nothing else."""
+    frozen = nnx.Param if config.lora_rank else nnx.Nothing
+    return nnx.split(model_or_state, trained_filter(config), frozen)
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, dict[str, Any], dict[str, Any]]:
+    """`split_model` with the parameters as nested dicts: (graphdef, trained, frozen)."""
+    graphdef, trained, frozen = split_model(model, model.config)
+    return graphdef, nnx.to_pure_dict(trained), nnx.to_pure_dict(frozen)
 
 
 def _abstract_params(abstract_model_state: nnx.State) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from llama2_jax import metrics, sharding
 from llama2_jax.model import axes
 from llama2_jax.train import optim
 from llama2_jax.train.losses import Batch, LossFn
-from llama2_jax.train.state import TrainState, abstract_train_state, train_state_shardings
+from llama2_jax.train.state import TrainState, abstract_train_state, split_model, train_state_shardings
 from llama2_jax.train.task import Task
 
 Metrics = dict[str, jax.Array]
@@ -62,13 +62,13 @@ def normalised_metrics(sums: Mapping[str, jax.Array]) -> Metrics:
 
 
 def _loss_and_grads(graphdef: nnx.GraphDef, loss_fn: LossFn):
-    def objective(params, batch):
-        return loss_fn(nnx.merge(graphdef, params), batch)
+    def objective(params, frozen, batch):
+        return loss_fn(nnx.merge(graphdef, params, frozen), batch)
 
     gradient = jax.value_and_grad(objective, has_aux=True)
 
-    def loss_and_grads(params, batch):
-        (loss_sum, sums), grads = gradient(params, batch)
+    def loss_and_grads(params, frozen, batch):
+        (loss_sum, sums), grads = gradient(params, frozen, batch)
         return grads, {"loss": loss_sum, **sums}
 
     return loss_and_grads
@@ -82,27 +82,28 @@ def make_train_step(
     grad_accum_steps: int = 1,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """One optimizer update from a global batch, accumulating over `grad_accum_steps`
-    micro-batches. Metrics: loss and the loss function's other sums per unit of weight,
-    `weight` (tokens), `grad_norm` (before clipping) and `learning_rate` of this update."""
+    micro-batches; `frozen`, the parameters the run does not train, goes into the model as they
+    are. Metrics: loss and the loss function's other sums per unit of weight, `weight` (tokens),
+    `grad_norm` (before clipping) and `learning_rate` of this update."""
     loss_and_grads = _loss_and_grads(graphdef, loss_fn)
 
-    def accumulated(params, batch):
+    def accumulated(params, frozen, batch):
         if grad_accum_steps == 1:
-            return loss_and_grads(params, batch)
+            return loss_and_grads(params, frozen, batch)
         micro_batches = split_micro_batches(batch, grad_accum_steps)
         first = jax.tree.map(lambda leaf: leaf[0], micro_batches)
         zeros = jax.tree.map(
-            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_and_grads, params, first)
+            lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_and_grads, params, frozen, first)
         )
 
         def add_micro_batch(totals, micro_batch):
-            return jax.tree.map(jnp.add, totals, loss_and_grads(params, micro_batch)), None
+            return jax.tree.map(jnp.add, totals, loss_and_grads(params, frozen, micro_batch)), None
 
         totals, _ = jax.lax.scan(add_micro_batch, zeros, micro_batches)
         return totals
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        grad_sums, sums = accumulated(state.params, batch)
+    def train_step(state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, Metrics]:
+        grad_sums, sums = accumulated(state.params, frozen, batch)
         denominator = _denominator(sums)
         grads = jax.tree.map(lambda g: g / denominator, grad_sums)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -122,8 +123,8 @@ def make_train_step(
 def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn) -> Callable[[Any, Batch], Metrics]:
     """The loss function's sums (`loss` included) on one batch, for the loop to add up."""
 
-    def eval_step(params: Any, batch: Batch) -> Metrics:
-        loss_sum, sums = loss_fn(nnx.merge(graphdef, params), batch)
+    def eval_step(params: Any, batch: Batch, frozen: Any) -> Metrics:
+        loss_sum, sums = loss_fn(nnx.merge(graphdef, params, frozen), batch)
         return {"loss": loss_sum, **sums}
 
     return eval_step
@@ -143,9 +144,11 @@ def check_batch_layout(global_batch_size: int, grad_accum_steps: int, mesh: Mesh
 class Steps:
     """A task's jitted update and evaluation steps on a mesh, and the layouts they were built for.
 
-    `train_step(state, batch) -> (state, metrics)` donates the state; `eval_step(params, batch)`
-    returns the loss function's sums. Call them (or `lower`) inside `context()`, where the mesh
-    and rules that activation constraints and shard_map kernels read are set.
+    `train_step(state, batch, frozen) -> (state, metrics)` donates the state; `eval_step(params,
+    batch, frozen)` returns the loss function's sums. `abstract_model` is the trained parameters,
+    `abstract_frozen` the others (empty unless the model has adapters). Call them (or `lower`)
+    inside `context()`, where the mesh and rules that activation constraints and shard_map kernels
+    read are set.
     """
 
     task: Task
@@ -153,6 +156,8 @@ class Steps:
     rules: Any
     graphdef: nnx.GraphDef
     abstract_model: nnx.State
+    abstract_frozen: nnx.State
+    frozen_shardings: Any
     optimizer: optax.GradientTransformation
     schedule: optax.Schedule
     shardings: TrainState
@@ -171,10 +176,19 @@ class Steps:
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         return self.task.batch_spec.abstract(self.global_batch_size, self.batch_sharding)
 
+    def abstract_frozen_params(self) -> Any:
+        """The frozen parameters as shapes with shardings."""
+        return jax.tree.map(lambda variable, where: jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=where),
+                            nnx.to_pure_dict(self.abstract_frozen), self.frozen_shardings)
+
     def lower_train_step(self) -> jax.stages.Lowered:
         """The update step lowered for this task's state and batch shapes (what `aot` compiles)."""
         with self.context():
-            return self.train_step.lower(self.abstract_state(), self.abstract_batch())
+            return self.train_step.lower(self.abstract_state(), self.abstract_batch(), self.abstract_frozen_params())
+
+    def model(self, params: Any, frozen: Any) -> nnx.Module:
+        """The model of trained parameters `params` and `frozen` ones."""
+        return nnx.merge(self.graphdef, params, frozen)
 
     @property
     def tokens_per_step(self) -> int:
@@ -185,10 +199,11 @@ class Steps:
     @property
     def flops_per_token(self) -> float:
         """Training FLOPs per token of this task's model (metrics.py has the count)."""
+        every_parameter = [*nnx.to_flat_state(self.abstract_model), *nnx.to_flat_state(self.abstract_frozen)]
         matmul_parameters = sum(
-            variable.size for path, variable in nnx.to_flat_state(self.abstract_model)
+            variable.size for path, variable in every_parameter
             if axes.NORM not in (variable.get_metadata().get("logical_axes") or ())
-            and path != ("embedder", "embedding"))
+            and path[-2:] != ("embedder", "embedding"))
         sequence_length = self.task.batch_spec.fields[self.task.batch_spec.model_inputs].shape[-1]
         return metrics.flops_per_token(self.task.model_config, sequence_length, matmul_parameters)
 
@@ -201,22 +216,25 @@ def build_steps(task: Task, config: ml_collections.ConfigDict, mesh: Mesh, rules
     grad_accum_steps = config.optimizer.grad_accum_steps
     check_batch_layout(config.train.global_batch_size, grad_accum_steps, mesh, rules)
     optimizer, schedule = optim.make_optimizer(config.optimizer, schedule_steps or config.train.steps, task.peak_lrs)
-    graphdef, abstract_model = sharding.abstract_model(task.model_config, task.model_class)
+    abstract = nnx.eval_shape(lambda: task.model_class(task.model_config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_model, abstract_frozen = split_model(abstract, task.model_config)
     sharding.check_platform(task.model_config, mesh)
-    sharding.check_fits_mesh(abstract_model, mesh, rules)
+    for part in (abstract_model, abstract_frozen):
+        sharding.check_fits_mesh(part, mesh, rules)
     shardings = train_state_shardings(abstract_model, optimizer, mesh, rules)
+    frozen_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_frozen, mesh, rules))
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = sharding.batch_sharding(mesh, rules)
     train_step = jax.jit(
         make_train_step(graphdef, task.loss_fn, optimizer, schedule, grad_accum_steps),
-        in_shardings=(shardings, batch_sharding),
+        in_shardings=(shardings, batch_sharding, frozen_shardings),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
     )
     eval_step = jax.jit(
         make_eval_step(graphdef, task.loss_fn),
-        in_shardings=(shardings.params, batch_sharding),
+        in_shardings=(shardings.params, batch_sharding, frozen_shardings),
         out_shardings=replicated,
     )
-    return Steps(task, mesh, rules, graphdef, abstract_model, optimizer, schedule, shardings,
-                 batch_sharding, config.train.global_batch_size, train_step, eval_step)
+    return Steps(task, mesh, rules, graphdef, abstract_model, abstract_frozen, frozen_shardings, optimizer, schedule,
+                 shardings, batch_sharding, config.train.global_batch_size, train_step, eval_step)
