@@ -210,7 +210,8 @@ def _restore_adapted(path: str, config: LlamaConfig, kind: str, mesh: jax.shardi
                                                               sharding=variable[...].sharding)
                 for key, variable in nnx.to_flat_state(trained)}
     restored = orbax_params.restore_subset(orbax_params.state_path(path), abstract)
-    placed = [(key, variable.replace(restored[".".join(map(str, key))])) for key, variable in nnx.to_flat_state(trained)]
+    placed = [(key, variable.replace(restored[".".join(map(str, key))]))
+              for key, variable in nnx.to_flat_state(trained)]
     return nnx.merge(graphdef, nnx.from_flat_state(placed), frozen)
 
 

@@ -331,7 +331,8 @@ def write_run_files(
     directory = storage.as_path(workdir)
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / "config.json", config)
-    _write_json(directory / "model_config.json", {**model_config, "kind": model_kind, **({"lora_base": base} if base else {})})
+    described = {**model_config, "kind": model_kind, **({"lora_base": base} if base else {})}
+    _write_json(directory / "model_config.json", described)
     if tokenizer_path:
         destination = directory / "tokenizer.model"
         source = storage.as_path(tokenizer_path)

@@ -132,7 +132,8 @@ def load_initial_model(config: ml_collections.ConfigDict, mesh, rules, kind: str
         remat=model_config.remat, max_seq_len=model_config.max_seq_len)
     if not model_config.lora_rank:
         return model
-    adapted = dataclasses.replace(model_config, **{field: getattr(model.config, field) for field in ARCHITECTURE_FIELDS})
+    shape = {field: getattr(model.config, field) for field in ARCHITECTURE_FIELDS}  # a value model's: its own
+    adapted = dataclasses.replace(model_config, **shape)
     return with_new_parameters(model, adapted, type(model), mesh, rules, config.train.seed)
 
 

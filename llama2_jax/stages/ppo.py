@@ -9,8 +9,9 @@ The run holds five models on one mesh: the policy and the value model, trained (
 with an AdamW of its own: `optimizer.peak_lr` and `ppo.value_lr`), and three frozen ones, loaded once
 in `ppo.frozen_dtype`: the reference policy (`init_checkpoint` again), which the KL term holds the
 policy near, and the two reward models. With `lora.rank` > 0 the policy and the value model train
-adapters on frozen bases, and the policy's base, adapters off, is the reference: four. Each of `ppo.iterations` iterations samples `ppo.rollouts`
-answers from the current policy and trains on them (llama2_jax/stages/ppo_rollouts.py) with the
+adapters on frozen bases, and the policy's base, adapters off, is the reference: four. Each of
+`ppo.iterations` iterations samples `ppo.rollouts` answers from the current policy and trains on
+them (llama2_jax/stages/ppo_rollouts.py) with the
 losses of llama2_jax/train/ppo_loss.py, on the one training loop: checkpoints hold both trained
 models, both optimizers and the position in the rollouts, so a stopped run (SIGTERM, Ctrl-C: exit
 status 75) resumes to the step. The frozen models are outside the checkpoints; `train/config.json`

@@ -117,7 +117,8 @@ def exported_round(workdir: str | os.PathLike) -> int | None:
 
 def export_policy(workdir: str | os.PathLike, round_number: int, model, tokenizer_path: str | os.PathLike) -> None:
     """The policy (its adapters merged, if it trained some) as the workdir's own checkpoint (`state/`,
-    `model_config.json`, `tokenizer.model`), replacing the previous round's; `policy.json` names the round once the parameters are complete."""
+    `model_config.json`, `tokenizer.model`), replacing the previous round's; `policy.json` names the
+    round once the parameters are complete."""
     model = lora.merged(model, model.config.param_dtype)  # adapters merged: a model like any other
     directory = storage.as_path(workdir)
     if jax.process_index() == 0:

@@ -114,7 +114,8 @@ MODEL_DOCS = {
 
 KEY_DOCS = {
     "stage": "the stage this config is for (llama2_jax/stages/<stage>.py)",
-    **{f"model.{key}": doc + (FROM_CHECKPOINT if key in ARCHITECTURE_FIELDS else "") for key, doc in MODEL_DOCS.items()},
+    **{f"model.{key}": doc + (FROM_CHECKPOINT if key in ARCHITECTURE_FIELDS else "")
+       for key, doc in MODEL_DOCS.items()},
     "mesh.ici_data": "devices on the data axis within a slice (-1: the rest)",
     "mesh.ici_fsdp": "devices on the fsdp axis within a slice: parameters and optimizer state sharded",
     "mesh.ici_tensor": "devices on the tensor axis within a slice: heads, MLP and vocabulary split",

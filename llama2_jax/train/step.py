@@ -178,8 +178,10 @@ class Steps:
 
     def abstract_frozen_params(self) -> Any:
         """The frozen parameters as shapes with shardings."""
-        return jax.tree.map(lambda variable, where: jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=where),
-                            nnx.to_pure_dict(self.abstract_frozen), self.frozen_shardings)
+        def placed(variable, where):
+            return jax.ShapeDtypeStruct(variable.shape, variable.dtype, sharding=where)
+
+        return jax.tree.map(placed, nnx.to_pure_dict(self.abstract_frozen), self.frozen_shardings)
 
     def lower_train_step(self) -> jax.stages.Lowered:
         """The update step lowered for this task's state and batch shapes (what `aot` compiles)."""
