@@ -40,8 +40,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, dry_run: bool = Fals
     if dry_run:
         for step in steps:
             plan = plans[step.name]
-            settings = plan.key_settings()
-            print(f"# {step.name}: {step.describe(plan)}" + (f" ({settings})" if settings else ""))
+            key_settings = plan.key_settings()
+            print(f"# {step.name}: {step.describe(plan)}" + (f" ({key_settings})" if key_settings else ""))
             if step.instead:
                 print(f"#   {step.instead}")
             for key in plan.missing:
