@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd
 from jax.experimental import mesh_utils
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama2_jax.model import axes
 from llama2_jax.model.attention import check_available
@@ -153,14 +153,31 @@ def generation_rules(rules=DEFAULT_RULES) -> tuple[tuple[str, Any], ...]:
     )
 
 
+# A variable with this metadata true (a quantized weight's scales: model/quantize.py) is split
+# along an axis only where the devices divide it, and kept whole along it elsewhere: a small
+# model's axis holds fewer blocks of scales than a mesh axis has devices.
+WHOLE_WHERE_UNEVEN = "whole_where_uneven"
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
     """NamedShardings for a (possibly abstract) state, from each variable's logical axes."""
 
     def sharding_of(variable):
         names = variable.get_metadata().get("logical_axes") or (None,) * variable.ndim
-        return variable.replace(NamedSharding(mesh, axes.logical_to_spec(names, rules)))
+        spec = axes.logical_to_spec(names, rules)
+        if variable.get_metadata().get(WHOLE_WHERE_UNEVEN):
+            spec = PartitionSpec(*(None if size % _devices(mesh, mesh_axes) else mesh_axes
+                                   for size, mesh_axes in zip(variable.shape, spec)))
+        return variable.replace(NamedSharding(mesh, spec))
 
     return jax.tree.map(sharding_of, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def _devices(mesh: Mesh, mesh_axes) -> int:
+    """How many devices a dimension split over `mesh_axes` (None, a name or names) is split over."""
+    if mesh_axes is None:
+        return 1
+    return math.prod(mesh.shape[a] for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes))
 
 
 def check_fits_mesh(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> None:
@@ -170,7 +187,7 @@ def check_fits_mesh(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> None:
         names = variable.get_metadata().get("logical_axes") or ()
         spec = axes.logical_to_spec(names, rules)
         for size, name, mesh_axes in zip(variable.shape, names, spec):
-            if mesh_axes is None:
+            if mesh_axes is None or variable.get_metadata().get(WHOLE_WHERE_UNEVEN):
                 continue
             mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
             devices = math.prod(mesh.shape[a] for a in mesh_axes)

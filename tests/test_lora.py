@@ -1,8 +1,9 @@
 """Low-rank adapters: the layer against a hand computation, a fresh adapter computing the base exactly,
 a run that moves its adapters alone and resumes exactly, the merged model computing what the adapted
-one does, and bad input."""
+one does, a base quantized to 8 or 4 bits against the formula, and bad input."""
 
 import json
+import math
 import shutil
 
 import jax
@@ -14,7 +15,7 @@ from flax import nnx
 from llama2_jax import cli
 from llama2_jax.checkpoint.load import load_pretrained
 from llama2_jax.checkpoint.orbax_params import saved_shapes, state_path
-from llama2_jax.model import lora
+from llama2_jax.model import lora, quantize
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama, LlamaRewardModel
 from llama2_jax.sharding import model_arrays
@@ -26,6 +27,7 @@ from tolerances import assert_close_at_scale
 BASE = LlamaConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16, max_seq_len=64,
                    compute_dtype="float32")
 ADAPTED = BASE.replace(lora_rank=4, lora_alpha=8.0)
+QUANTIZED = ADAPTED.replace(lora_base_dtype="int4")
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(3, 128, (2, 10)), jnp.int32)
 
 
@@ -228,9 +230,10 @@ def test_aot_compiles_a_step_that_trains_adapters_on_a_sharded_mesh_and_holds_le
     from llama2_jax.commands import aot
     from llama2_jax.config_cli import parse_config_flags
 
-    def compiled(rank):
+    def compiled(rank, base_dtype=""):
         config, _ = parse_config_flags([
             "--config=configs/sft.py:tiny", f"--config.init_checkpoint={pretrained}", f"--config.lora.rank={rank}",
+            f"--config.lora.base_dtype={base_dtype}",
             "--config.train.global_batch_size=8", "--config.train.seq_len=64", "--config.mesh.ici_data=1",
             "--config.mesh.ici_fsdp=4", "--config.mesh.ici_tensor=2"])
         steps = aot.stage_steps(config, jax.devices())
@@ -243,3 +246,74 @@ def test_aot_compiles_a_step_that_trains_adapters_on_a_sharded_mesh_and_holds_le
     assert tuple(spec["lora_b"].spec) == (None, None, "tensor", None)
     _, full = compiled(0)
     assert adapted.argument_size_in_bytes < full.argument_size_in_bytes / 2  # no moments for the base
+    # An 8-bit base: 3 bytes fewer a projection weight than float32, less its scales, on each of the
+    # 8 devices its projections are split over (fsdp 4 × tensor 2).
+    _, quantized = compiled(8, "int8")
+    projections = sum(math.prod(variable.shape) for path, variable in nnx.to_flat_state(steps.abstract_frozen)
+                      if path[-1] in quantize.OUTPUT_AXES)
+    assert projections > 0
+    assert quantized.argument_size_in_bytes < adapted.argument_size_in_bytes - 2 * projections / 8
+
+
+def test_a_quantized_weight_is_its_levels_times_its_block_scale_to_within_half_that_scale():
+    weight = np.random.default_rng(4).normal(0, 0.02, (2, 128, 4, 16)).astype(np.float32)  # [layers, dim, heads, k]
+    blocks = weight.astype(np.float64).reshape(2, 2, 64, 4, 16)  # 64 input rows share a scale
+    for dtype, largest in (("int8", 127), ("int4", 7)):
+        levels, scale = quantize.quantize(jnp.asarray(weight), 2, dtype)
+        assert levels.dtype == jnp.dtype(dtype) and scale.shape == (2, 2, 4, 16)
+        expected_scale = np.abs(blocks).max(axis=2) / largest
+        np.testing.assert_allclose(scale, expected_scale, rtol=1e-6)
+        expected = np.clip(np.round(blocks / expected_scale[:, :, None]), -largest, largest).reshape(weight.shape)
+        # float32 against float64 division may round a value at a level's midpoint the other way.
+        assert np.mean(np.asarray(levels, np.int32) != expected) < 1e-3
+        back = np.asarray(quantize.dequantize(levels, scale, 2, jnp.float32))
+        half_scale = np.repeat(expected_scale, 64, axis=1) / 2
+        assert np.all(np.abs(back - weight) <= half_scale * (1 + 1e-5))
+        assert np.abs(back - weight).max() > half_scale.max() / 10  # rounding happened
+
+
+def test_a_quantized_base_computes_with_its_dequantized_weights_and_merges_into_float_ones():
+    adapted = with_random_b(Llama(QUANTIZED, rngs=nnx.Rngs(0)))
+    arrays = model_arrays(adapted)
+    assert arrays["layers.attention.wq"].dtype == jnp.int4 and arrays["layers.feed_forward.w2"].dtype == jnp.int4
+    assert arrays["embedder.embedding"].dtype == jnp.float32  # embedding, norms, head: not quantized
+    dequantized = quantize.dequantized_arrays(arrays, jnp.float32)
+    graphdef, state = nnx.split(Llama(ADAPTED, rngs=nnx.Rngs(0)))
+    floats = nnx.merge(graphdef, nnx.from_flat_state([
+        (path, variable.replace(dequantized[".".join(map(str, path))])) for path, variable in nnx.to_flat_state(state)]))
+    # The same float32 weights, dequantized inside the block or before: float32 logits of order 1 to 1e-5.
+    np.testing.assert_allclose(adapted(TOKENS), floats(TOKENS), atol=1e-5, rtol=0)
+    merged = lora.merged(adapted)
+    assert {array.dtype for array in model_arrays(merged).values()} == {jnp.dtype(jnp.float32)}
+    assert not any(name.endswith("_scale") for name in model_arrays(merged))
+    np.testing.assert_allclose(merged(TOKENS), adapted(TOKENS), atol=1e-5, rtol=0)
+    # 4 bits change the model's logits, by less than they are in size.
+    base, quantized_base = Llama(BASE, rngs=nnx.Rngs(0)), Llama(QUANTIZED, rngs=nnx.Rngs(0))
+    change = float(jnp.abs(quantized_base(TOKENS) - base(TOKENS)).max())
+    assert 1e-4 < change < float(jnp.abs(base(TOKENS)).max())
+
+
+def test_a_run_on_a_4_bit_base_resumes_exactly_and_reads_back_merged(pretrained, tmp_path):
+    from llama2_jax import sharding
+    from llama2_jax.checkpoint import load
+    from llama2_jax.checkpoint.orbax_params import read_config
+    from llama2_jax.metrics import read_metrics
+
+    quantized = ("--config.lora.base_dtype=int4", "--config.train.log_every=1", "--config.optimizer.peak_lr=3e-3")
+    assert cli.main(sft_argv(pretrained, tmp_path / "straight", tmp_path, *quantized)) == 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(loop, "StopRequests", stop_when(lambda step: step == 4))
+        assert cli.main(sft_argv(pretrained, tmp_path / "stopped", tmp_path, *quantized)) == 75
+    assert cli.main(sft_argv(pretrained, tmp_path / "stopped", tmp_path, *quantized)) == 0  # the base quantized again
+    assert all("_lora." in name for name in saved_shapes(state_path(tmp_path / "straight")))
+    losses = [row["loss"] for row in read_metrics(tmp_path / "straight") if "loss" in row and "step" in row]
+    assert losses[-1] < losses[0] - 0.15, losses  # 48 copies of one answer: adapters on 4 bits learn it
+    straight, stopped = (load_pretrained(tmp_path / run) for run in ("straight", "stopped"))
+    for name, array in model_arrays(straight).items():
+        np.testing.assert_array_equal(array, model_arrays(stopped)[name], err_msg=name)
+    # What `load_pretrained` gives (merged, float) computes what the run trained (adapters on int4).
+    config, kind = read_config(tmp_path / "straight")
+    mesh = sharding.make_mesh(devices=jax.local_devices())
+    adapted = load._restore_adapted(str(tmp_path / "straight"), config, kind, mesh, sharding.DEFAULT_RULES)
+    assert model_arrays(adapted)["layers.attention.wq"].dtype == jnp.int4
+    np.testing.assert_allclose(straight(TOKENS), adapted(TOKENS), atol=1e-5, rtol=0)

@@ -12,12 +12,13 @@ from flax import nnx
 
 from llama2_jax import cli, sharding
 from llama2_jax.checkpoint.convert import export_model
+from llama2_jax.checkpoint import load
 from llama2_jax.checkpoint.load import load_pretrained
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import ActorCritic, Llama, LlamaRewardModel
 from llama2_jax.reward import combine
-from llama2_jax.stages import ppo_rollouts
+from llama2_jax.stages import ppo, ppo_rollouts
 from llama2_jax.train import loop, optim, ppo_loss
 from stop_requests import stop_when
 from tolerances import assert_close_at_scale
@@ -310,3 +311,41 @@ def test_early_stopping_on_held_out_kl_and_on_a_reward_that_stopped_rising():
     by_reward = early_stop_rule(ConfigDict(dict(early_stop_kl=0.0, patience=2)))
     verdicts = [by_reward({"kl_reference": 0.0, "reward_combined": value}) for value in (0.5, 0.6, 0.55, 0.7, 0.6, 0.6)]
     assert verdicts[:5] == [None] * 5 and "ppo.patience" in verdicts[5]
+
+
+def test_with_adapters_the_value_models_base_under_the_rms_head_is_the_helpfulness_rm(models, uninterrupted,
+                                                                                     tmp_path):
+    # At step 0 the policy with fresh adapters is its base, so it answers the held-out prompts as the
+    # run without adapters did; the helpfulness RM built from the value model's base and the RM's
+    # head (not loaded a second time) scores them as the loaded RM did.
+    assert cli.main(argv(models, tmp_path, "--config.lora.rank=4", "--config.ppo.iterations=1")) == 0
+    def held_out_at_step_0(workdir):
+        return [json.loads(line) for line in (workdir / "held_out" / "step_0.jsonl").read_text().splitlines()]
+
+    adapted, alone = held_out_at_step_0(tmp_path), held_out_at_step_0(uninterrupted)
+    assert [record["answer"] for record in adapted] == [record["answer"] for record in alone]
+    for name in ("helpfulness", "safety", "combined"):
+        np.testing.assert_allclose([record[name] for record in adapted], [record[name] for record in alone],
+                                   atol=1e-5, rtol=0, err_msg=name)
+    assert any(record.get("eval_kl_reference", 0) > 0 for record in logged(tmp_path))  # adapters moved the policy
+
+
+def test_the_shared_helpfulness_rm_keeps_its_own_head_while_the_value_head_trains():
+    config = LlamaConfig.from_preset("tiny", compute_dtype="float32", n_layers=2)
+    rm = LlamaRewardModel(config, rngs=nnx.Rngs(1))
+    value = load.with_new_parameters(rm, config.replace(lora_rank=4), LlamaRewardModel, sharding.make_mesh(),
+                                     sharding.DEFAULT_RULES, seed=0)
+    for path, variable in nnx.to_flat_state(nnx.state(value, nnx.LoRAParam)):  # as if trained
+        variable.set_value(variable[...] + 0.1)
+    value.score.kernel.set_value(value.score.kernel[...] * 3)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (2, 12)), jnp.int32)
+    frozen = ppo_rollouts.FrozenModels(None, None, None, helpfulness_head=rm.score.kernel[...])
+    scorer = frozen.scoring_with(value).helpfulness
+    np.testing.assert_allclose(scorer(tokens), rm(tokens), atol=1e-5, rtol=0)
+    assert float(jnp.abs(value(tokens) - rm(tokens)).max()) > 1e-2  # the value model itself is untouched
+    assert float(jnp.abs(value.score.kernel[...] - rm.score.kernel[...] * 3).max()) == 0
+    # One reward model fewer on each device.
+    mesh = sharding.make_mesh()
+    shared, apart = (ppo.memory_per_device(config.replace(lora_rank=4), "float32", mesh, sharding.DEFAULT_RULES,
+                                           value_shares_helpfulness_base=share) for share in (True, False))
+    assert shared["frozen"] == pytest.approx(apart["frozen"] / 2)

@@ -16,14 +16,16 @@ import os
 from typing import TYPE_CHECKING, Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec
 from flax import nnx
 
 from llama2_jax import sharding, storage
 from llama2_jax.checkpoint import hf, layout, meta, orbax_params
 from llama2_jax.checkpoint.lazy import LazyArray
-from llama2_jax.model import lora
+from llama2_jax.model import lora, quantize
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import MODEL_KINDS, LlamaRewardModel, Transformer, model_kind
 
@@ -141,14 +143,33 @@ def load_pretrained(
     return with_new_parameters(model, model.config, LlamaRewardModel, mesh, rules, seed)
 
 
+def score_head(path: str | os.PathLike, mesh: jax.sharding.Mesh) -> jax.Array:
+    """A reward model's score head ([dim, 1], float32) on every device of `mesh`: from our
+    checkpoints, read alone; from other formats, out of the whole model."""
+    path = os.fspath(path)
+    if detect_format(path) != "orbax":
+        model = load_pretrained(path, mesh=mesh)
+        if not isinstance(model, LlamaRewardModel):
+            raise ValueError(f"{path} holds a {model_kind(type(model))} model, not a reward model; give a reward model")
+        return jax.device_put(model.score.kernel[...].astype(jnp.float32), NamedSharding(mesh, PartitionSpec()))
+    config, kind = orbax_params.read_config(path)
+    if kind != "reward":
+        raise ValueError(f"{path} holds a {kind} model, not a reward model; give a reward model")
+    head = "score.kernel"
+    wanted = jax.ShapeDtypeStruct((config.dim, 1), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+    return orbax_params.restore_subset(orbax_params.state_path(path), {head: wanted})[head]
+
+
 def with_new_parameters(model: nnx.Module, config: LlamaConfig, model_class: type, mesh: jax.sharding.Mesh,
                         rules, seed: int) -> nnx.Module:
     """A `model_class` of `config` holding `model`'s arrays (as they are laid out, cast to the new
-    model's dtypes), and for each parameter `model` lacks (a reward model's score head, low-rank
-    adapters) the value a new `model_class(config)` draws from `seed`."""
+    model's dtypes, quantized where `config` quantizes a float weight), and for each parameter
+    `model` lacks (a reward model's score head, low-rank adapters) the value a new
+    `model_class(config)` draws from `seed`."""
     graphdef, abstract_state = sharding.abstract_model(config, model_class)
     shardings = dict(nnx.to_flat_state(sharding.state_shardings(abstract_state, mesh, rules)))
     kept = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    kept.update(_quantized(kept, abstract_state, shardings, config))
     new = [path for path, _ in nnx.to_flat_state(abstract_state) if path not in kept]
 
     def draw():  # only the new parameters leave: the compiler drops the rest of the initialisation
@@ -161,6 +182,25 @@ def with_new_parameters(model: nnx.Module, config: LlamaConfig, model_class: typ
         for path, abstract in nnx.to_flat_state(abstract_state)
     ]
     return nnx.merge(graphdef, nnx.from_flat_state(placed))
+
+
+def _quantized(kept: dict, abstract_state: nnx.State, shardings: dict, config: LlamaConfig) -> dict:
+    """The integer levels and scales of each float weight in `kept` that `abstract_state` holds
+    quantized, laid out as the abstract state says."""
+    found = {}
+    for path, abstract in nnx.to_flat_state(abstract_state):
+        weight_path = (*path[:-1], str(path[-1]).removesuffix("_scale"))
+        if weight_path == path or weight_path not in kept or path in kept:
+            continue
+        weight = kept[weight_path]
+        if not jnp.issubdtype(weight.dtype, jnp.floating):
+            continue
+        quantized = jax.jit(quantize.quantize, static_argnums=(1, 2),
+                            out_shardings=(shardings[weight_path].get_value(), shardings[path].get_value()))
+        found[weight_path], found[path] = (
+            nnx.Param(array) for array in quantized(weight[...], quantize.OUTPUT_AXES[weight_path[-1]],
+                                                     config.quantized_dtype))
+    return found
 
 
 def _restore_orbax(

@@ -9,7 +9,8 @@ ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn", "splash")
 # The weights adapters can adapt (model/lora.py): attention's projections and the MLP's, all by
 # default, as QLoRA found best.
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
-LORA_BASE_DTYPES = ("", "float32", "bfloat16", "float16")
+LORA_BASE_DTYPES = ("", "float32", "bfloat16", "float16", "int8", "int4")  # integers: QLoRA (model/quantize.py)
+QUANTIZED_BASE_DTYPES = ("int8", "int4")
 # What the backward pass keeps from the forward pass of a block instead of recomputing it: the name of a
 # `jax.checkpoint_policies` policy, or None for no rematerialisation at all.
 REMAT_POLICIES = {
@@ -74,7 +75,8 @@ class LlamaConfig:
     attention: str = "xla"
     remat: str = "none"
     # Low-rank adapters (model/lora.py): rank 0 is none. With adapters, the base weights are frozen
-    # and stored in `lora_base_dtype` (empty: the compute dtype), the adapters in `param_dtype`.
+    # and stored in `lora_base_dtype` (empty: the compute dtype; int8 or int4: the projections
+    # quantized, model/quantize.py), the adapters in `param_dtype`.
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
@@ -107,10 +109,18 @@ class LlamaConfig:
 
     @property
     def base_dtype(self) -> str:
-        """What the weights other than adapters (and a reward model's head) are stored in."""
+        """What the weights other than adapters (and a reward model's head) are stored in; under a
+        quantized base, the float weights that stay float (embedding, norms, output head)."""
         if not self.lora_rank:
             return self.param_dtype
+        if self.lora_base_dtype in QUANTIZED_BASE_DTYPES:
+            return self.compute_dtype
         return self.lora_base_dtype or self.compute_dtype
+
+    @property
+    def quantized_dtype(self) -> str | None:
+        """int8 or int4 when the blocks' projection weights are stored quantized (model/quantize.py)."""
+        return self.lora_base_dtype if self.lora_rank and self.lora_base_dtype in QUANTIZED_BASE_DTYPES else None
 
     def without_adapters(self) -> "LlamaConfig":
         """The same model with its adapters merged away: weights in the adapters' dtype."""

@@ -4,7 +4,7 @@ Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`, so on
 compiled whatever the depth; the remat policy wraps that one block. Weights are stored in
 `param_dtype` and cast to `compute_dtype` where they are used; norms, softmax and logits are
 float32. With low-rank adapters (model/lora.py) the base weights are stored in `base_dtype` and the
-adapters in `param_dtype`.
+adapters in `param_dtype`; a QLoRA base keeps the blocks' projections in 8 or 4 bits (model/quantize.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from llama2_jax.model import axes, lora
+from llama2_jax.model import axes, lora, quantize
 from llama2_jax.model.attention import cached_attention, dot_product_attention
 from llama2_jax.model.config import REMAT_POLICIES, LlamaConfig
 from llama2_jax.model.rope import apply_rope
@@ -49,14 +49,15 @@ class Attention(nnx.Module):
             rngs, (heads, head_dim, dim), dtype, (axes.Q_HEADS, axes.HEAD_DIM, axes.EMBED),
             stddev=0.02 / (2 * config.n_layers) ** 0.5,
         )
+        quantize.quantize_weights(self, ("wq", "wk", "wv", "wo"), config.quantized_dtype)
         self.config = config
 
     def __call__(self, x, positions, segment_ids, cache: LayerCache | None = None):
         cfg = self.config
-        cast = lambda w: w[...].astype(cfg.compute_dtype)  # noqa: E731
-        q = lora.adapted(self, "wq", x, jnp.einsum("btd,dhk->bthk", x, cast(self.wq)))
-        k = lora.adapted(self, "wk", x, jnp.einsum("btd,dhk->bthk", x, cast(self.wk)))
-        v = lora.adapted(self, "wv", x, jnp.einsum("btd,dhk->bthk", x, cast(self.wv)))
+        cast = lambda name: quantize.weight(self, name, cfg.compute_dtype)  # noqa: E731
+        q = lora.adapted(self, "wq", x, jnp.einsum("btd,dhk->bthk", x, cast("wq")))
+        k = lora.adapted(self, "wk", x, jnp.einsum("btd,dhk->bthk", x, cast("wk")))
+        v = lora.adapted(self, "wv", x, jnp.einsum("btd,dhk->bthk", x, cast("wv")))
         q = axes.constrain(q, (axes.BATCH, axes.LENGTH, axes.ACT_HEADS, None))
         k = axes.constrain(k, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
         v = axes.constrain(v, (axes.BATCH, axes.LENGTH, axes.ACT_KV_HEADS, None))
@@ -72,7 +73,7 @@ class Attention(nnx.Module):
                 out = dot_product_attention(q, k, v, segment_ids, segment_ids, implementation=cfg.attention)
             else:
                 out = cached_attention(q, cache.keys, cache.values, segment_ids, cache.segment_ids, cache.index)
-        return lora.adapted(self, "wo", out, jnp.einsum("bthk,hkd->btd", out, cast(self.wo))), cache
+        return lora.adapted(self, "wo", out, jnp.einsum("bthk,hkd->btd", out, cast("wo"))), cache
 
 
 class FeedForward(nnx.Module):
@@ -86,14 +87,15 @@ class FeedForward(nnx.Module):
             rngs, (hidden, dim), dtype, (axes.MLP, axes.EMBED),
             stddev=0.02 / (2 * config.n_layers) ** 0.5,
         )
+        quantize.quantize_weights(self, ("w1", "w3", "w2"), config.quantized_dtype)
         self.compute_dtype = config.compute_dtype
 
     def __call__(self, x):
-        cast = lambda w: w[...].astype(self.compute_dtype)  # noqa: E731
-        gate = jax.nn.silu(lora.adapted(self, "w1", x, x @ cast(self.w1)))
-        up = lora.adapted(self, "w3", x, x @ cast(self.w3))
+        cast = lambda name: quantize.weight(self, name, self.compute_dtype)  # noqa: E731
+        gate = jax.nn.silu(lora.adapted(self, "w1", x, x @ cast("w1")))
+        up = lora.adapted(self, "w3", x, x @ cast("w3"))
         hidden = axes.constrain(gate * up, (axes.BATCH, axes.LENGTH, axes.ACT_MLP))
-        return lora.adapted(self, "w2", hidden, hidden @ cast(self.w2))
+        return lora.adapted(self, "w2", hidden, hidden @ cast("w2"))
 
 
 class Block(nnx.Module):

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama2_jax.model import quantize
+
 # Our name of each target, the base weight it adapts (module path inside a block, attribute), how
 # many of that weight's leading axes are its input, and peft's name of the projection.
 TARGETS = {
@@ -90,9 +92,9 @@ def adapted(module: nnx.Module, weight: str, x: jax.Array, projected: jax.Array)
 def merged_arrays(arrays: Mapping[str, jax.Array], config, dtype=None) -> dict[str, jax.Array]:
     """A model's arrays (`sharding.model_arrays`: dotted names, layers stacked) with every adapter
     merged into its weight, W + (alpha / r)·A·B, and gone: the arrays of a model without adapters
-    that computes what the adapted one does. The sum is float32; the merged weights are `dtype`
-    (default: W's)."""
-    merged = dict(arrays)
+    that computes what the adapted one does, a quantized base's weights dequantized. The sum is
+    float32; the merged weights are `dtype` (default: W's, or the compute dtype for a quantized W)."""
+    merged = quantize.dequantized_arrays(arrays, dtype or config.base_dtype)
     suffix = f"_lora.{A_NAME}"
     for key in [key for key in arrays if key.endswith(suffix)]:
         weight_key = key[: -len(suffix)]

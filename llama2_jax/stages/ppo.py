@@ -9,10 +9,12 @@ The run holds five models on one mesh: the policy and the value model, trained (
 with an AdamW of its own: `optimizer.peak_lr` and `ppo.value_lr`), and three frozen ones, loaded once
 in `ppo.frozen_dtype`: the reference policy (`init_checkpoint` again), which the KL term holds the
 policy near, and the two reward models. With `lora.rank` > 0 the policy and the value model train
-adapters on frozen bases, and the policy's base, adapters off, is the reference: four. Each of
+adapters on frozen bases; the policy's base, adapters off, is the reference, and the value
+model's base (the helpfulness RM's, with `ppo.value_init` helpfulness_rm) under the RM's own head
+is the helpfulness RM: three bases, the policy's, the helpfulness RM's and the safety RM. Each of
 `ppo.iterations` iterations samples `ppo.rollouts` answers from the current policy and trains on
-them (llama2_jax/stages/ppo_rollouts.py) with the
-losses of llama2_jax/train/ppo_loss.py, on the one training loop: checkpoints hold both trained
+them (llama2_jax/stages/ppo_rollouts.py) with the losses of llama2_jax/train/ppo_loss.py, on the
+one training loop: checkpoints hold both trained
 models, both optimizers and the position in the rollouts, so a stopped run (SIGTERM, Ctrl-C: exit
 status 75) resumes to the step. The frozen models are outside the checkpoints; `train/config.json`
 names them.
@@ -39,12 +41,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from llama2_jax import plots, sharding, storage
-from llama2_jax.checkpoint.load import checkpoint_config, load_pretrained
+from llama2_jax.checkpoint.load import checkpoint_config, load_pretrained, score_head
 from llama2_jax.data.batch import BatchSpec, Field
 from llama2_jax.data.prompts import split_prompts
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.errors import ConfigError
 from llama2_jax.model.llama import ActorCritic
+from llama2_jax.model.quantize import stored_bits
 from llama2_jax.stages import ppo_rollouts, rejection_files, rejection_metrics
 from llama2_jax.stages.initial import SHAPE_FIELDS, load_initial_model, start_from_checkpoint
 from llama2_jax.stages.ppo_rollouts import FrozenModels, RolloutBatches, Settings
@@ -126,11 +129,16 @@ class Frozen:
                                        max_seq_len=self.config.model.max_seq_len)
 
             rewards = self.reward_models
-            # A policy that trains adapters holds its base already: that is the reference.
+            # A policy that trains adapters holds its base already: that is the reference. A value
+            # model that trains adapters on the helpfulness RM holds that RM's base: with the RM's
+            # head, that is the helpfulness RM.
             adapters = "lora" in self.config and self.config.lora.rank > 0
-            self.models = FrozenModels(None if adapters else load(self.config.init_checkpoint),
-                                       load(section.helpfulness_rm) if rewards else None,
-                                       load(section.safety_rm) if rewards and section.safety_rm else None)
+            shares_base = rewards and adapters and section.get("value_init") == "helpfulness_rm"
+            self.models = FrozenModels(
+                None if adapters else load(self.config.init_checkpoint),
+                load(section.helpfulness_rm) if rewards and not shares_base else None,
+                load(section.safety_rm) if rewards and section.safety_rm else None,
+                helpfulness_head=score_head(section.helpfulness_rm, self.mesh) if shares_base else None)
         return self.models
 
 
@@ -292,7 +300,8 @@ def check_value_model(config: ml_collections.ConfigDict) -> None:
 def check_memory(config: ml_collections.ConfigDict, mesh: Mesh, rules) -> dict[str, float]:
     """What one device holds of the models (memory_per_device) against its memory; a clear error
     naming what to change when they do not fit. Activations and the KV cache come on top."""
-    needed = memory_per_device(model_config_from(config), config.ppo.frozen_dtype, mesh, rules)
+    needed = memory_per_device(model_config_from(config), config.ppo.frozen_dtype, mesh, rules,
+                               value_shares_helpfulness_base=config.ppo.value_init == "helpfulness_rm")
     available = config.ppo.device_memory_gib * GIB or _device_memory()
     if available and needed["total"] > available:
         parts = ", ".join(f"{name} {value / GIB:.1f} GiB" for name, value in needed.items() if name != "total")
@@ -305,31 +314,37 @@ def check_memory(config: ml_collections.ConfigDict, mesh: Mesh, rules) -> dict[s
 GIB = float(2**30)
 
 
-def memory_per_device(model_config, frozen_dtype: str, mesh: Mesh, rules) -> dict[str, float]:
+def memory_per_device(model_config, frozen_dtype: str, mesh: Mesh, rules,
+                      value_shares_helpfulness_base: bool = True) -> dict[str, float]:
     """Bytes one device holds, from the parameters' shards under `rules`: what the policy and the
     value model train (float32 weights, two AdamW moments and a gradient: 16 bytes a parameter), their
-    frozen bases when they train adapters (in the base dtype), the frozen models (in frozen_dtype:
-    the reference, unless the policy's base is it, and both reward models) and the rollout's copy of
-    the policy in the decoding layout (compute dtype, not sharded over fsdp)."""
+    frozen bases when they train adapters (as stored: the base dtype, or int8/int4 levels and their
+    scales), the frozen models (in frozen_dtype: the reference, unless the policy's base is it, and
+    the reward models, the helpfulness one unless the value model's base is it) and the rollout's
+    copy of the policy in the decoding layout (compute dtype, not sharded over fsdp)."""
     from llama2_jax.model.llama import Llama, LlamaRewardModel
     from llama2_jax.train.state import split_model
 
-    def shard_bytes(state, bytes_per_parameter: float, layout_rules) -> float:
+    def shard_bytes(state, bytes_per_parameter: float | None, layout_rules) -> float:
+        """Bytes a device holds of `state`, each parameter `bytes_per_parameter` (None: as stored,
+        an int4 level half a byte)."""
         shardings = sharding.state_shardings(state, mesh, layout_rules)
         leaves = zip(jax.tree.leaves(state), jax.tree.leaves(shardings))
-        return sum(math.prod(where.shard_shape(leaf.shape)) * bytes_per_parameter for leaf, where in leaves)
+        return sum(math.prod(where.shard_shape(leaf.shape)) * (bytes_per_parameter or stored_bits(leaf.dtype) / 8)
+                   for leaf, where in leaves)
 
     def parts_of(model_class, config):
         _, trained, frozen = split_model(nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0))), config)
         return trained, frozen
 
     plain = model_config.without_adapters()
-    frozen, base = np.dtype(frozen_dtype).itemsize, np.dtype(model_config.base_dtype).itemsize
+    frozen = np.dtype(frozen_dtype).itemsize
     trained = [parts_of(model_class, model_config) for model_class in (Llama, LlamaRewardModel)]
-    frozen_models = [Llama] * (not model_config.lora_rank) + [LlamaRewardModel] * 2
+    adapters = bool(model_config.lora_rank)
+    frozen_models = [Llama] * (not adapters) + [LlamaRewardModel] * (2 - (adapters and value_shares_helpfulness_base))
     parts = {
         "trained": sum(shard_bytes(part, 16, rules) for part, _ in trained),
-        "bases": sum(shard_bytes(part, base, rules) for _, part in trained),
+        "bases": sum(shard_bytes(part, None, rules) for _, part in trained),
         "frozen": sum(shard_bytes(parts_of(model_class, plain)[0], frozen, rules) for model_class in frozen_models),
         "decoding": shard_bytes(parts_of(Llama, plain)[0], np.dtype(model_config.compute_dtype).itemsize,
                                 sharding.generation_rules(rules)),

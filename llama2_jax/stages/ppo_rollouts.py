@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
@@ -51,12 +52,28 @@ class FrozenModels:
     """The models PPO reads and never trains, on the run's mesh."""
 
     reference: nnx.Module | None  # None: the policy trains adapters, and its base is the reference
-    helpfulness: nnx.Module | None  # None: rewards from a program (GRPO's grpo.reward_fn)
+    helpfulness: nnx.Module | None  # None: rewards from a program (GRPO's grpo.reward_fn), or see below
     safety: nnx.Module | None
+    # The helpfulness RM's score head, when the value model trains adapters on that RM's base: the
+    # RM is then that base with this head (`scoring_with`), and is not held a second time.
+    helpfulness_head: jax.Array | None = None
 
     def reference_of(self, policy: nnx.Module) -> nnx.Module:
         """The reference the KL holds `policy` near: the frozen one, or the policy's own base."""
         return self.reference if self.reference is not None else lora.without_adapters(policy)
+
+    def scoring_with(self, value: nnx.Module) -> FrozenModels:
+        """These models with the helpfulness RM made from `value`'s base (adapters off) under the
+        RM's own head, where the two share a base; as they are otherwise."""
+        if self.helpfulness_head is None:
+            return self
+        graphdef, state = nnx.split(value)
+        head = ("score", "kernel")
+        scorer = [(path, variable.replace(self.helpfulness_head) if path == head
+                   else variable.replace(jnp.zeros_like(variable[...])) if isinstance(variable, nnx.LoRAParam)
+                   else variable) for path, variable in nnx.to_flat_state(state)]
+        return dataclasses.replace(self, helpfulness=nnx.merge(graphdef, nnx.from_flat_state(scorer)),
+                                   helpfulness_head=None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +196,8 @@ def score_rollout(model: nnx.Module, frozen: FrozenModels, prompts: Sequence[Seq
     """The answers as training rows with their scores, log-probs, values, advantages and returns."""
     rows = training_rows(prompts, answers, settings.seq_len)
     mask = rows["answer_mask"]
-    helpfulness, safety, combined, to_safety = reward_model_scores(frozen, prompts, answers, is_safety, settings,
-                                                                   mesh, rules)
+    helpfulness, safety, combined, to_safety = reward_model_scores(frozen.scoring_with(model.value), prompts, answers,
+                                                                   is_safety, settings, mesh, rules)
     graphdef, state = nnx.split(model)
     log_probs, values = in_chunks(_policy_terms, graphdef, state, rows, settings.mini_batch, mesh, rules)
     reference_graphdef, reference_state = nnx.split(frozen.reference_of(model.policy))

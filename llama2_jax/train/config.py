@@ -152,7 +152,8 @@ KEY_DOCS = {
     "lora.rank": "rank of the low-rank adapters trained in place of every weight (0: none, every weight trains)",
     "lora.alpha": "the adapters' scale is alpha / rank",
     "lora.targets": "the weights that get adapters: attention's q, k, v, o and the MLP's gate, up, down",
-    "lora.base_dtype": "storage dtype of the frozen base under adapters (empty: the compute dtype)",
+    "lora.base_dtype": "storage dtype of the frozen base under adapters (empty: the compute dtype; int8 or int4: "
+                       "QLoRA, the blocks' projections quantized, model/quantize.py)",
     **{f"data.{key}": doc for key, doc in DATA_DOCS.items()},
 }
 
