@@ -263,6 +263,7 @@ def test_bad_input_is_one_clear_error(models, tmp_path, capsys):
         (["--config.ppo.value_init=nowhere"], 2, "ppo.value_init"),
         ([f"--config.ppo.helpfulness_rm={models / 'policy'}"], 1, "holds a language model; it must be a reward model"),
         (["--config.ppo.device_memory_gib=0.001"], 1, "shard them over more devices"),
+        (["--config.lora.rank=4", "--config.lora.dropout=0.1"], 2, "PPO and GRPO train adapters without dropout"),
     ]
     for extra, code, message in cases:
         assert cli.main(argv(models, tmp_path / "bad", *extra)) == code

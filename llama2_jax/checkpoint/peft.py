@@ -57,7 +57,7 @@ def write_peft(path: str | os.PathLike, config: LlamaConfig, adapters: Mapping[s
     settings = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": config.lora_rank, "lora_alpha": config.lora_alpha,
         "target_modules": sorted(PEFT_NAMES[target].rsplit(".", 1)[1] for target in config.lora_targets),
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "lora_dropout": config.lora_dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
         "base_model_name_or_path": base or None,
     }

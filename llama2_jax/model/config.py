@@ -21,9 +21,12 @@ REMAT_POLICIES = {
 }
 
 
-def lora_problems(rank, alpha, targets, base_dtype) -> list[str]:
+def lora_problems(rank, alpha, targets, base_dtype, dropout=0.0) -> list[str]:
     """What is wrong with adapter settings, in the `lora` config section's words."""
     problems = []
+    if not 0 <= dropout < 1:
+        problems.append(f"lora.dropout is {dropout}; the share of an adapter's inputs dropped in training is in [0, 1) "
+                        "(0.05 or 0.1 is usual)")
     if rank < 0:
         problems.append(f"lora.rank is {rank}; 0 trains every weight, a positive rank trains adapters of that rank")
     if rank > 0 and not alpha > 0:
@@ -81,6 +84,7 @@ class LlamaConfig:
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
     lora_base_dtype: str = ""
+    lora_dropout: float = 0.0  # in training steps only (lora.dropout_keys); sampling and scoring never drop
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -103,7 +107,8 @@ class LlamaConfig:
             problems.append(f"remat={self.remat!r}; choose one of {tuple(REMAT_POLICIES)}")
         if min(self.vocab_size, self.dim, self.n_layers, self.n_heads, self.max_seq_len) <= 0:
             problems.append("vocab_size, dim, n_layers, n_heads and max_seq_len must be positive")
-        problems += lora_problems(self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_base_dtype)
+        problems += lora_problems(self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_base_dtype,
+                                  self.lora_dropout)
         if problems:
             raise ValueError("invalid LlamaConfig: " + "; ".join(problems))
 
@@ -124,7 +129,7 @@ class LlamaConfig:
 
     def without_adapters(self) -> "LlamaConfig":
         """The same model with its adapters merged away: weights in the adapters' dtype."""
-        return self.replace(lora_rank=0, lora_base_dtype="")
+        return self.replace(lora_rank=0, lora_base_dtype="", lora_dropout=0.0)
 
     @property
     def head_dim(self) -> int:

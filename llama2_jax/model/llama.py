@@ -222,9 +222,14 @@ class Transformer(nnx.Module):
     def _run_layers(self, x, positions, segment_ids):
         """Scans the stacked blocks: one compiled block whatever the depth."""
         graphdef, layer_state = nnx.split(self.layers)
+        # Adapter dropout in a training step: each layer its own key, scanned with its weights.
+        key = lora.dropout_key()
+        layer_keys = None if key is None else jax.random.split(key, self.config.n_layers)
 
-        def one_block(h, state):
-            h, _ = nnx.merge(graphdef, state)(h, positions, segment_ids)
+        def one_block(h, layer):
+            state, layer_key = layer
+            with lora.dropout_keys(layer_key):
+                h, _ = nnx.merge(graphdef, state)(h, positions, segment_ids)
             return h, None
 
         policy = REMAT_POLICIES[self.config.remat]
@@ -232,7 +237,7 @@ class Transformer(nnx.Module):
             one_block = jax.checkpoint(
                 one_block, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=False
             )
-        x, _ = jax.lax.scan(one_block, x, layer_state)
+        x, _ = jax.lax.scan(one_block, x, (layer_state, layer_keys))
         return x
 
     def _decode_layers(self, x, positions, segment_ids, cache: KVCache, prefill: bool) -> tuple[jax.Array, KVCache]:

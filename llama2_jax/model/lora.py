@@ -17,6 +17,7 @@ their logical axes, merge into W for decoding (`merged_arrays`), and map one to 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Mapping
@@ -47,11 +48,32 @@ def adapter_name(weight: str) -> str:
     return f"{weight}_lora"
 
 
+# The key a training step draws adapter dropout from, while it runs (`dropout_keys`); None elsewhere,
+# so sampling, scoring and evaluation never drop.
+_dropout_key: list[jax.Array | None] = [None]
+
+
+@contextlib.contextmanager
+def dropout_keys(key: jax.Array | None):
+    """Adapters called inside draw their dropout masks from `key` (each adapter its own, by
+    `fold_in` of its weight's number; Transformer._run_layers gives each layer its own key)."""
+    previous, _dropout_key[0] = _dropout_key[0], key
+    try:
+        yield
+    finally:
+        _dropout_key[0] = previous
+
+
+def dropout_key() -> jax.Array | None:
+    return _dropout_key[0]
+
+
 class Adapter(nnx.Module):
-    """A and B of one weight: `delta(x)` is (alpha / r)·(x·A)·B, contracting x's last `inputs` axes."""
+    """A and B of one weight: `delta(x)` is (alpha / r)·(dropout(x)·A)·B, contracting x's last
+    `inputs` axes; dropout (peft's `lora_dropout`) only inside `dropout_keys`."""
 
     def __init__(self, weight: nnx.Param, inputs: int, rank: int, alpha: float, dtype, compute_dtype,
-                 *, rngs: nnx.Rngs):
+                 *, rngs: nnx.Rngs, dropout: float = 0.0, number: int = 0):
         shape, names = weight.shape, weight.get_metadata()["logical_axes"]
         fan_in = math.prod(shape[:inputs])
         bound = 1 / math.sqrt(fan_in)
@@ -62,8 +84,13 @@ class Adapter(nnx.Module):
         self.inputs = inputs
         self.scale = alpha / rank
         self.compute_dtype = compute_dtype
+        self.dropout, self.number = dropout, number
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        key = dropout_key()
+        if self.dropout and key is not None:
+            kept = jax.random.bernoulli(jax.random.fold_in(key, self.number), 1 - self.dropout, x.shape)
+            x = jnp.where(kept, x / (1 - self.dropout), 0).astype(x.dtype)
         a = self.lora_a[...].astype(self.compute_dtype)
         b = self.lora_b[...].astype(self.compute_dtype)
         down = jnp.tensordot(x, a, axes=self.inputs)
@@ -80,7 +107,7 @@ def add_adapters(module: nnx.Module, module_name: str, config, *, rngs: nnx.Rngs
         if owner == module_name:
             setattr(module, adapter_name(weight), Adapter(
                 getattr(module, weight), inputs, config.lora_rank, config.lora_alpha, config.param_dtype,
-                config.compute_dtype, rngs=rngs))
+                config.compute_dtype, rngs=rngs, dropout=config.lora_dropout, number=list(TARGETS).index(target)))
 
 
 def adapted(module: nnx.Module, weight: str, x: jax.Array, projected: jax.Array) -> jax.Array:
@@ -126,7 +153,7 @@ def merged(model: nnx.Module, param_dtype: str | None = None) -> nnx.Module:
     if not config.lora_rank:
         return model
     dotted = lambda path: ".".join(map(str, path))  # noqa: E731
-    plain = config.replace(lora_rank=0, lora_base_dtype="", param_dtype=param_dtype or config.base_dtype)
+    plain = config.without_adapters().replace(param_dtype=param_dtype or config.base_dtype)
     arrays = merged_arrays({dotted(path): variable[...] for path, variable in nnx.to_flat_state(nnx.state(model))},
                            config, plain.param_dtype)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(plain, rngs=nnx.Rngs(0))))

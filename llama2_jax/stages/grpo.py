@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from llama2_jax import storage
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.errors import ConfigError
-from llama2_jax.stages import rejection_files
+from llama2_jax.stages import ppo_rollouts, rejection_files
 from llama2_jax.stages.initial import load_initial_model, start_from_checkpoint
 from llama2_jax.stages.ppo import Frozen, batch_spec, rollout_prompts
 from llama2_jax.stages.ppo_rollouts import (Answer, FrozenModels, RolloutBatches, Settings, in_chunks,
@@ -248,6 +248,7 @@ def evaluate(model: nnx.Module, frozen: FrozenModels, rewards: Rewards, prompts:
 def check_config(config: ml_collections.ConfigDict) -> None:
     """One ConfigError naming the key for a value the stage cannot use."""
     grpo, batch = config.grpo, config.train.global_batch_size
+    ppo_rollouts.check_no_dropout(config)
     if grpo.group_size < 2:
         raise ConfigError(f"grpo.group_size {grpo.group_size} must be at least 2: GRPO's advantages compare the "
                           "answers of a group with one another")

@@ -256,6 +256,7 @@ def held_out_path(workdir: str, step: int):
 def check_config(config: ml_collections.ConfigDict) -> None:
     """One ConfigError naming the key for a value the stage cannot use."""
     ppo, batch = config.ppo, config.train.global_batch_size
+    ppo_rollouts.check_no_dropout(config)
     if not ppo.helpfulness_rm:
         raise ConfigError("set ppo.helpfulness_rm to the helpfulness reward model (python -m llama2_jax reward "
                           "writes one)")

@@ -76,6 +76,16 @@ class FrozenModels:
                                    helpfulness_head=None)
 
 
+def check_no_dropout(config) -> None:
+    """PPO and GRPO compare the training forward pass with the rollout's log-probs (the ratio is 1
+    on the first mini-batch); adapter dropout in one and not the other would bias every ratio."""
+    if config.lora.dropout:
+        from llama2_jax.errors import ConfigError
+
+        raise ConfigError(f"lora.dropout is {config.lora.dropout}; PPO and GRPO train adapters without dropout, as "
+                          "their ratios compare the training pass with the rollout's: set --config.lora.dropout=0")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """What a rollout needs from the config."""

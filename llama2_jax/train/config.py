@@ -85,7 +85,8 @@ def base_config(stage: str, size: str, schedule: Schedule) -> ml_collections.Con
     ))
     config.data = default_data_config()
     if stage != "pretrain":
-        config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=LORA_TARGETS, base_dtype=""))
+        config.lora = ml_collections.ConfigDict(dict(rank=0, alpha=16.0, targets=LORA_TARGETS, base_dtype="",
+                                                     dropout=0.0))
     return config
 
 
@@ -154,6 +155,8 @@ KEY_DOCS = {
     "lora.targets": "the weights that get adapters: attention's q, k, v, o and the MLP's gate, up, down",
     "lora.base_dtype": "storage dtype of the frozen base under adapters (empty: the compute dtype; int8 or int4: "
                        "QLoRA, the blocks' projections quantized, model/quantize.py)",
+    "lora.dropout": "share of each adapter's input dropped in training steps (0: none; not in PPO or GRPO, whose "
+                    "ratios compare the training forward pass with the rollout's)",
     **{f"data.{key}": doc for key, doc in DATA_DOCS.items()},
 }
 
@@ -169,11 +172,11 @@ def model_config_from(config: ml_collections.ConfigDict) -> LlamaConfig:
     values = {key: value for key, value in config.model.to_dict().items() if key != "size"}
     if "lora" in config:
         lora = config.lora
-        problems = lora_problems(lora.rank, lora.alpha, lora.targets, lora.base_dtype)
+        problems = lora_problems(lora.rank, lora.alpha, lora.targets, lora.base_dtype, lora.dropout)
         if problems:
             raise ConfigError("; ".join(problems))
         values.update(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=tuple(lora.targets),
-                      lora_base_dtype=lora.base_dtype)
+                      lora_base_dtype=lora.base_dtype, lora_dropout=lora.dropout)
     try:
         return LlamaConfig.from_dict(values)
     except ValueError as error:

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama2_jax import metrics, sharding
-from llama2_jax.model import axes
+from llama2_jax.model import axes, lora
 from llama2_jax.train import optim
 from llama2_jax.train.losses import Batch, LossFn
 from llama2_jax.train.state import TrainState, abstract_train_state, split_model, train_state_shardings
@@ -62,13 +62,14 @@ def normalised_metrics(sums: Mapping[str, jax.Array]) -> Metrics:
 
 
 def _loss_and_grads(graphdef: nnx.GraphDef, loss_fn: LossFn):
-    def objective(params, frozen, batch):
-        return loss_fn(nnx.merge(graphdef, params, frozen), batch)
+    def objective(params, frozen, batch, dropout_key):
+        with lora.dropout_keys(dropout_key):
+            return loss_fn(nnx.merge(graphdef, params, frozen), batch)
 
     gradient = jax.value_and_grad(objective, has_aux=True)
 
-    def loss_and_grads(params, frozen, batch):
-        (loss_sum, sums), grads = gradient(params, frozen, batch)
+    def loss_and_grads(params, frozen, batch, dropout_key=None):
+        (loss_sum, sums), grads = gradient(params, frozen, batch, dropout_key)
         return grads, {"loss": loss_sum, **sums}
 
     return loss_and_grads
@@ -80,30 +81,36 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
+    dropout_seed: int | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """One optimizer update from a global batch, accumulating over `grad_accum_steps`
     micro-batches; `frozen`, the parameters the run does not train, goes into the model as they
     are. Metrics: loss and the loss function's other sums per unit of weight, `weight` (tokens),
-    `grad_norm` (before clipping) and `learning_rate` of this update."""
+    `grad_norm` (before clipping) and `learning_rate` of this update. With a `dropout_seed`, the
+    adapters' dropout masks are drawn from it, the step number and the micro-batch's, so a resumed
+    run draws what an uninterrupted one does."""
     loss_and_grads = _loss_and_grads(graphdef, loss_fn)
 
-    def accumulated(params, frozen, batch):
+    def accumulated(params, frozen, batch, dropout_key):
         if grad_accum_steps == 1:
-            return loss_and_grads(params, frozen, batch)
+            return loss_and_grads(params, frozen, batch, dropout_key)
         micro_batches = split_micro_batches(batch, grad_accum_steps)
         first = jax.tree.map(lambda leaf: leaf[0], micro_batches)
         zeros = jax.tree.map(
             lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(loss_and_grads, params, frozen, first)
         )
 
-        def add_micro_batch(totals, micro_batch):
-            return jax.tree.map(jnp.add, totals, loss_and_grads(params, frozen, micro_batch)), None
+        def add_micro_batch(totals, indexed):
+            index, micro_batch = indexed
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, index)
+            return jax.tree.map(jnp.add, totals, loss_and_grads(params, frozen, micro_batch, key)), None
 
-        totals, _ = jax.lax.scan(add_micro_batch, zeros, micro_batches)
+        totals, _ = jax.lax.scan(add_micro_batch, zeros, (jnp.arange(grad_accum_steps), micro_batches))
         return totals
 
     def train_step(state: TrainState, batch: Batch, frozen: Any) -> tuple[TrainState, Metrics]:
-        grad_sums, sums = accumulated(state.params, frozen, batch)
+        dropout_key = None if dropout_seed is None else jax.random.fold_in(jax.random.key(dropout_seed), state.step)
+        grad_sums, sums = accumulated(state.params, frozen, batch, dropout_key)
         denominator = _denominator(sums)
         grads = jax.tree.map(lambda g: g / denominator, grad_sums)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -228,7 +235,8 @@ def build_steps(task: Task, config: ml_collections.ConfigDict, mesh: Mesh, rules
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_sharding = sharding.batch_sharding(mesh, rules)
     train_step = jax.jit(
-        make_train_step(graphdef, task.loss_fn, optimizer, schedule, grad_accum_steps),
+        make_train_step(graphdef, task.loss_fn, optimizer, schedule, grad_accum_steps,
+                        dropout_seed=config.train.seed if task.model_config.lora_dropout else None),
         in_shardings=(shardings, batch_sharding, frozen_shardings),
         out_shardings=(shardings, replicated),
         donate_argnums=0,
