@@ -23,7 +23,7 @@ from llama2_jax.model.llama import Llama, LlamaRewardModel
 from llama2_jax.reward import combine, score_tokens
 from llama2_jax.stages import grpo, ppo_rollouts
 from llama2_jax.stages.rejection import PromptSet
-from llama2_jax.train import grpo_loss, loop
+from llama2_jax.train import grpo_loss, loop, ppo_loss
 from stop_requests import stop_when
 from tolerances import standardised_tolerance
 
@@ -106,6 +106,47 @@ def test_the_loss_matches_a_hand_computation_with_its_k3_term():
     loss_fn = grpo_loss.make_grpo_loss(clip=clip, kl_coef=beta)
     grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), dict(batch, advantages=0 * advantages))[0])(params)
     assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+
+
+class FixedLogits(nnx.Module):
+    """A 'model' whose logits are a parameter: any log-prob at any position, on demand."""
+
+    def __init__(self, logits: np.ndarray):
+        self.logits = nnx.Param(jnp.asarray(logits))
+
+    def __call__(self, inputs, positions=None, segment_ids=None):
+        return self.logits[...]
+
+
+def test_the_loss_its_gradient_and_the_kl_are_finite_whatever_lies_outside_the_answers():
+    # Row 0's last slot is padding: its target, token 0, has log-prob about -100 under the policy,
+    # and the rollout stored 0 there for the reference (rows are masked): exp(0 - (-100)) overflows.
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 6, 16)).astype(np.float32)
+    logits[0, 5, 0] = -100.0
+    inputs = rng.integers(1, 16, (2, 6)).astype(np.int32)
+    targets = np.concatenate([inputs[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
+    mask = np.array([[0, 0, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1]], np.float32)
+    log_probs = np.asarray(jnp.take_along_axis(jax.nn.log_softmax(jnp.asarray(logits)), targets[..., None], -1)[..., 0])
+    assert log_probs[0, 5] < -90
+    reference = (log_probs + rng.uniform(-0.3, 0.3, log_probs.shape)).astype(np.float32) * mask
+    batch = {"inputs": inputs, "targets": targets, "positions": np.broadcast_to(np.arange(6), (2, 6)).astype(np.int32),
+             "segment_ids": np.ones((2, 6), np.int32), "answer_mask": mask, "old_log_probs": log_probs * mask,
+             "reference_log_probs": reference, "advantages": np.full((2, 6), 0.5, np.float32) * mask}
+    model = FixedLogits(logits)
+    loss_fn = grpo_loss.make_grpo_loss(clip=0.2, kl_coef=0.04)
+    graphdef, params = nnx.split(model, nnx.Param)
+    (loss, sums), grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch), has_aux=True)(params)
+    assert np.isfinite(float(loss)) and np.isfinite(float(sums["kl"]))
+    assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(grads))
+    # The answers' k3 is what it is without the padding: the same loss with that slot's log-prob ordinary.
+    ordinary = logits.copy()
+    ordinary[0, 5, 0] = 0.0
+    other, _ = loss_fn(FixedLogits(ordinary), batch)
+    assert float(loss) == pytest.approx(float(other), rel=1e-6)
+    # The rollout's KL estimates: 0 outside the answers, finite inside.
+    k1, k3 = ppo_loss.kl_estimates(log_probs, reference, mask)
+    assert np.all(np.isfinite(k3)) and np.all(k1[mask == 0] == 0) and np.all(k3[mask == 0] == 0)
 
 
 def test_the_program_reward_is_called_with_the_dialog_and_the_answer_text():

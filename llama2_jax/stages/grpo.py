@@ -144,7 +144,7 @@ def score_groups(model: nnx.Module, frozen: FrozenModels, tokens: list, answers:
     log_probs, reference = policy_and_reference(model, frozen.reference_of(model), rows, settings, mesh, rules)
     groups = np.array([answer.prompt for answer in answers])
     advantages = grpo_loss.group_advantages(scores, groups, scale)
-    kl, kl_k3 = (estimate * mask for estimate in ppo_loss.kl_estimates(log_probs, reference))
+    kl, kl_k3 = ppo_loss.kl_estimates(log_probs, reference, mask)
     rows.update(old_log_probs=log_probs * mask, reference_log_probs=reference * mask,
                 advantages=advantages[:, None] * mask)
     spreads = np.array([scores[groups == group].std() for group in np.unique(groups)])

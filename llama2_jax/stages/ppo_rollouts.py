@@ -217,7 +217,7 @@ def score_rollout(model: nnx.Module, frozen: FrozenModels, prompts: Sequence[Seq
         raise FloatingPointError("the policy, value model or reference gave NaN or infinite log-probs or values on "
                                  "the rollout; the policy has diverged: lower optimizer.peak_lr or ppo.value_lr and "
                                  "rerun, which resumes from the newest checkpoint")
-    kl, kl_k3 = (estimate * mask for estimate in ppo_loss.kl_estimates(log_probs, reference))
+    kl, kl_k3 = ppo_loss.kl_estimates(log_probs, reference, mask)
     finished = np.array([answer.finished for answer in answers])
     scores = ppo_loss.whiten(ppo_loss.logit(combined)) - settings.missing_eos_penalty * ~finished
     token_rewards = ppo_loss.token_rewards(scores, kl, mask, settings.kl_coef)

@@ -52,7 +52,10 @@ def make_grpo_loss(*, clip: float, kl_coef: float):
     def grpo_loss(model: nnx.Module, batch: Batch) -> tuple[jax.Array, dict[str, jax.Array]]:
         logits = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segment_ids"])
         log_probs, policy_sum, sums = clipped_policy_loss(logits, batch, clip)
-        to_reference = batch["reference_log_probs"] - log_probs
+        # Masked before the exponential: outside the answers the reference is stored as 0 and a
+        # padding target's log-prob may be -100, whose exp overflows (a NaN gradient even if masked after).
+        answer = batch["answer_mask"] > 0
+        to_reference = jnp.where(answer, batch["reference_log_probs"] - log_probs, 0.0)
         kl_sum = jnp.sum(batch["answer_mask"].astype(jnp.float32) * (jnp.expm1(to_reference) - to_reference))  # k3
         sums["kl"] = jax.lax.stop_gradient(kl_sum)
         return policy_sum + kl_coef * kl_sum, sums

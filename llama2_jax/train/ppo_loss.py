@@ -51,10 +51,14 @@ def whiten(x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
     return ((x - mean) / (std + 1e-8) * mask).astype(np.float32)
 
 
-def kl_estimates(log_probs: np.ndarray, ref_log_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def kl_estimates(log_probs: np.ndarray, ref_log_probs: np.ndarray,
+                 mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Two per-token estimates of KL(pi || pi_ref) from tokens sampled from pi: k1 = log pi - log pi_ref
-    (unbiased, the one in the reward) and k3 = exp(-k1) - 1 + k1 (unbiased and never negative)."""
+    (unbiased, the one in the reward) and k3 = exp(-k1) - 1 + k1 (unbiased and never negative); 0
+    where `mask` is 0, whose log-probs (a padding target's may be -100) never reach the exponential."""
     k1 = np.asarray(log_probs, np.float64) - np.asarray(ref_log_probs, np.float64)
+    if mask is not None:
+        k1 = np.where(np.asarray(mask) > 0, k1, 0.0)
     return k1.astype(np.float32), (np.expm1(-k1) + k1).astype(np.float32)
 
 
