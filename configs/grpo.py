@@ -49,7 +49,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown GRPO variant {variant!r}; the one there is: instructions ({size},instructions)")
     cpu = size in CPU_SIZES
     config = base_config("grpo", size, SCHEDULES[size])
-    policy, helpfulness_rm, safety_rm = DEMO_MODELS.get(size, ("runs/sft", "", ""))
+    policy, helpfulness_rm, safety_rm = DEMO_MODELS.get(size, ("", "", ""))
     config.init_checkpoint = policy
     config.optimizer.end_lr_fraction = 1.0  # a constant learning rate
     config.data.dataset = "shakespeare_prompts" if cpu else "rlhf_prompts"

@@ -42,7 +42,7 @@ def get_config(size: str = "tiny") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SCHEDULES)}")
     cpu = size in CPU_SIZES
     config = base_config("ppo", size, SCHEDULES[size])
-    policy, helpfulness_rm, safety_rm = DEMO_MODELS.get(size, ("runs/sft", "", ""))
+    policy, helpfulness_rm, safety_rm = DEMO_MODELS.get(size, ("", "", ""))
     config.init_checkpoint = policy
     config.optimizer.end_lr_fraction = 1.0  # a constant learning rate
     config.data.dataset = "shakespeare_prompts" if cpu else "rlhf_prompts"

@@ -50,6 +50,9 @@ def try_topology(stage: str, size: str, topology: str, rows_per_chip: int, setti
     """One `aot` compile; what it printed, parsed: fits, total GiB, micro-batches, seconds."""
     config = load_config(stage, size, settings)
     tensor = config.mesh.ici_tensor * config.mesh.dcn_tensor
+    if tensor > chips(topology):
+        return {"topology": topology, "tensor": tensor, "micro_batches": None, "fits": False, "total_gib": None,
+                "seconds": None, "verdict": f"not tried: tensor {tensor} on {chips(topology)} chips"}
     # The batch is split over the data and fsdp devices; tensor devices share their examples.
     batch_shards = chips(topology) // tensor
     micro_batches = max(1, config.train.global_batch_size // (batch_shards * rows_per_chip))
