@@ -198,6 +198,16 @@ def test_bad_adapter_settings_and_a_missing_or_changed_base_are_one_line(pretrai
     assert code == 1 and "is not the one" in error and "trained its adapters on" in error
     code, error = error_of(["convert", "--from=orbax", "--to=peft", str(pretrained), str(tmp_path / "out")])
     assert code == 1 and "trained every weight, so it has no adapters" in error
+    # Adapters for another model: one line naming the weight and both shapes.
+    from llama2_jax.checkpoint.convert import export_model
+
+    narrower = load_pretrained(pretrained).config.replace(dim=64)
+    export_model(Llama(narrower, rngs=nnx.Rngs(0)), str(tmp_path / "narrower"), "orbax",
+                 tokenizer_path=str(pretrained / "tokenizer.model"))
+    assert cli.main(["convert", "--from=orbax", "--to=peft", str(runs / "straight"), str(tmp_path / "adapters")]) == 0
+    code, error = error_of(["convert", "--from=peft", "--to=hf", str(tmp_path / "adapters"), str(tmp_path / "out"),
+                            f"--base={tmp_path / 'narrower'}"])
+    assert code == 1 and "these adapters are for a model of another shape" in error, error
     assert not (tmp_path / "out").exists()
 
 
