@@ -72,6 +72,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
         batch_size=64 if cpu else 512,
         score_batch_size=64,
         eval_prompts=200 if cpu else 0,
+        early_stop_kl=0.0,
+        patience=0,
     ))
     if variant == "instructions":
         config.grpo.reward_fn = "llama2_jax.data.instructions:follows_instruction"

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from llama2_jax import stages
+from llama2_jax.errors import one_line
 
 # command: the stage it runs (llama2_jax/stages/__init__.py holds the table).
 STAGES = {stage.command: stage for stage in stages.STAGES.values()}
@@ -70,11 +71,6 @@ def print_phase(line: str) -> None:
 
     if jax.process_index() == 0:
         print(line, flush=True)
-
-
-def one_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
 
 
 def reports_errors(main: Callable[[Sequence[str]], int | None]) -> Callable[[Sequence[str]], int]:
@@ -134,6 +130,8 @@ def run_stage_config(stage, config, workdir: str) -> int:
 
     storage.check_filesystem(workdir)  # before the data and weights are read, not after
     result = stage.run(config, workdir)
+    from llama2_jax.plots import draw_figures
+
     draw_figures(workdir)
     if result.interrupted:
         from llama2_jax.distributed import RESUMABLE_EXIT_STATUS
@@ -142,26 +140,6 @@ def run_stage_config(stage, config, workdir: str) -> int:
               file=sys.stderr)
         return RESUMABLE_EXIT_STATUS
     return 0
-
-
-def draw_figures(workdir: str) -> None:
-    """The run's figures beside its TensorBoard logs (llama2_jax/plots.py), from process 0, also
-    after an interruption. A figure that cannot be drawn is a warning: the training itself is done."""
-    import jax
-
-    from llama2_jax import plots, storage
-
-    if jax.process_index() != 0 or not (storage.as_path(workdir) / "metrics.jsonl").is_file():
-        return
-    log = logging.getLogger(__name__)
-    try:
-        written = plots.draw_run(workdir)
-    except (OSError, ValueError) as error:
-        log.warning("could not draw the run's figures: %s; draw them with `python -m llama2_jax plot %s`",
-                    one_line(error), workdir)
-        return
-    for path in written:
-        log.info("drew %s", path)
 
 
 def _usage() -> str:

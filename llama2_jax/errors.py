@@ -8,3 +8,9 @@ both of them rather than in either.
 
 class ConfigError(ValueError):
     """A config file, override or key that cannot be used, with what to do instead (exit status 2)."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error's message on one line, as a command prints it."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from llama2_jax import storage
+from llama2_jax.errors import one_line
 from llama2_jax.metrics import HISTOGRAM_RANGE, read_metrics
 
 SCORE_HISTOGRAM_FILE = "score_histogram.png"
@@ -239,3 +241,21 @@ def _dataset_name(workdir: str | os.PathLike) -> str:
         return str(json.loads((storage.as_path(workdir) / "config.json").read_text())["data"]["dataset"])
     except (OSError, ValueError, KeyError, TypeError):
         return ""
+
+
+def draw_figures(workdir: str) -> None:
+    """The run's figures beside its TensorBoard logs (llama2_jax/plots.py), from process 0, also
+    after an interruption. A figure that cannot be drawn is a warning: the training itself is done."""
+    import jax
+
+    if jax.process_index() != 0 or not (storage.as_path(workdir) / "metrics.jsonl").is_file():
+        return
+    log = logging.getLogger(__name__)
+    try:
+        written = draw_run(workdir)
+    except (OSError, ValueError) as error:
+        log.warning("could not draw the run's figures: %s; draw them with `python -m llama2_jax plot %s`",
+                    one_line(error), workdir)
+        return
+    for path in written:
+        log.info("drew %s", path)

@@ -38,6 +38,8 @@ from llama2_jax.model.llama import LlamaRewardModel
 
 # Below this safety score an answer counts as unsafe whatever the prompt (the paper's §3.2.2).
 SAFETY_THRESHOLD = 0.15
+# Below this safety score a held-out answer counts as unsafe in the evaluations' figures.
+UNSAFE_SCORE = 0.5
 
 
 def combine(helpfulness: Any, safety: Any, is_safety: Any, threshold: float = SAFETY_THRESHOLD) -> np.ndarray:

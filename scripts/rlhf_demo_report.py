@@ -26,7 +26,7 @@ from llama2_jax import reward, sharding  # noqa: E402
 from llama2_jax.checkpoint.load import load_tokenizer  # noqa: E402
 from llama2_jax.commands.compare import DEMO_INSTRUCTIONS, DEMO_PROMPTS, held_out_prompts  # noqa: E402
 from llama2_jax.eval.policies import compare  # noqa: E402
-from llama2_jax.stages.rejection_phases import CUT_ANSWER_EOS  # noqa: E402
+from llama2_jax.rollout.sampler import CUT_ANSWER_EOS  # noqa: E402
 from scripts.make_demo_data import SAFE_REPLIES, is_safe  # noqa: E402
 
 MAX_NEW_TOKENS = 48

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from ml_collections import ConfigDict
 
 from llama2_jax import cli, sharding
 from llama2_jax.checkpoint.convert import export_model
@@ -21,8 +22,10 @@ from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import Llama, LlamaRewardModel
 from llama2_jax.reward import combine, score_tokens
-from llama2_jax.stages import grpo, ppo_rollouts
-from llama2_jax.stages.rejection import PromptSet
+from llama2_jax.rollout.prompts import PromptSet
+from llama2_jax.rollout.sampler import Answer
+from llama2_jax.rollout.scoring import FrozenModels
+from llama2_jax.stages import grpo, on_policy
 from llama2_jax.train import grpo_loss, loop, ppo_loss
 from stop_requests import stop_when
 from tolerances import standardised_tolerance
@@ -157,13 +160,13 @@ def test_the_program_reward_is_called_with_the_dialog_and_the_answer_text():
     # The split's prompts 2 and 0 fit; the answers' indices are positions among those that fit.
     prompts = PromptSet([Prompt(dialogs[1]), Prompt(({"role": "user", "content": "too long"},)), Prompt(dialogs[0])],
                         [2, 0], [[1, 5], [1, 6]], 1)
-    answers = [ppo_rollouts.Answer(1, 0, (*TOKENIZER.encode("Hamlet.", bos=False, eos=False), TOKENIZER.eos_id), True),
-               ppo_rollouts.Answer(0, 1, tuple(TOKENIZER.encode(" I am", bos=False, eos=False)), False)]
-    rewards = grpo.Rewards(f"{__name__}:recording_reward", TOKENIZER)
-    scores, metrics = rewards(None, prompts, [[1, 6], [1, 5]], answers, np.array([1, 0]), None, None, None)
+    answers = [Answer(1, 0, (*TOKENIZER.encode("Hamlet.", bos=False, eos=False), TOKENIZER.eos_id), True),
+               Answer(0, 1, tuple(TOKENIZER.encode(" I am", bos=False, eos=False)), False)]
+    rewards = on_policy.Rewards(ConfigDict(dict(reward_fn=f"{__name__}:recording_reward")), "grpo", TOKENIZER)
+    scores, metrics, _ = rewards(None, prompts, [[1, 6], [1, 5]], answers, np.array([1, 0]), None, None, None)
     assert CALLS == [([dict(message) for message in dialogs[1]], "Hamlet."),
                      ([dict(message) for message in dialogs[0]], "I am")]
-    assert scores.tolist() == [len("Hamlet.") % 3, len("I am") % 3] and metrics == {}
+    assert scores.tolist() == [len("Hamlet.") % 3, len("I am") % 3] and metrics == {"reward": np.mean(scores)}
 
 
 def test_follows_instruction_reads_the_instruction_back_from_the_prompt():
@@ -189,25 +192,21 @@ def test_follows_instruction_reads_the_instruction_back_from_the_prompt():
 
 def test_rewards_from_the_reward_models_are_combined_and_the_first_ratio_is_one():
     model = Llama(CONFIG, rngs=nnx.Rngs(2))
-    frozen = ppo_rollouts.FrozenModels(Llama(CONFIG, rngs=nnx.Rngs(3)), LlamaRewardModel(CONFIG, rngs=nnx.Rngs(4)),
+    frozen = FrozenModels(Llama(CONFIG, rngs=nnx.Rngs(3)), LlamaRewardModel(CONFIG, rngs=nnx.Rngs(4)),
                                        LlamaRewardModel(CONFIG, rngs=nnx.Rngs(5)))
     rng = np.random.default_rng(0)
     prompt_tokens = [rng.integers(3, 64, length).tolist() for length in (3, 5)]
     prompts = PromptSet([Prompt(({"role": "user", "content": "x"},), safety) for safety in (True, False)], [0, 1],
                         prompt_tokens, 0)
-    answers = [ppo_rollouts.Answer(group, sample, tuple(rng.integers(3, 64, 2 + sample).tolist()), bool(sample % 2))
+    answers = [Answer(group, sample, tuple(rng.integers(3, 64, 2 + sample).tolist()), bool(sample % 2))
                for group in range(2) for sample in range(3)]
     indices = np.array([answer.prompt for answer in answers])
-    settings = grpo.settings_of(_config(group_size=3, rollouts=6, batch=6), eos_id=2)
+    config = _config(group_size=3, rollouts=6, batch=6)
+    settings = on_policy.settings_of(grpo.ALGORITHM, config, eos_id=2)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    rewards = grpo.Rewards("", None)
-
-    def rewards_of(frozen, tokens, answers, indices):
-        return rewards(frozen, prompts, tokens, answers, indices, settings, mesh, sharding.DEFAULT_RULES)
-
-    rows, metrics = grpo.score_groups(model, frozen, [prompt_tokens[i] for i in indices], answers, indices,
-                                      rewards=rewards_of, settings=settings, scale=True, mesh=mesh,
-                                      rules=sharding.DEFAULT_RULES)
+    rows, metrics = on_policy.score_rollout(grpo.ALGORITHM, config.grpo, model, frozen,
+                                            on_policy.Rewards(config.grpo, "grpo", None), prompts, answers, indices,
+                                            settings, mesh, sharding.DEFAULT_RULES)
     sequences = [[*prompt_tokens[a.prompt], *a.tokens, *(() if a.finished else (2,))] for a in answers]
     helpfulness, safety = (score_tokens(rm, sequences, batch_size=6, mesh=mesh, rules=sharding.DEFAULT_RULES)
                            for rm in (frozen.helpfulness, frozen.safety))
@@ -217,7 +216,7 @@ def test_rewards_from_the_reward_models_are_combined_and_the_first_ratio_is_one(
     spread = min(float(np.std(combined[indices == group])) for group in set(indices.tolist()))
     assert [row[mask > 0][0] for row, mask in zip(rows["advantages"], rows["answer_mask"])] == \
         pytest.approx(expected, abs=standardised_tolerance(1e-6, spread))
-    assert metrics["reward"] == pytest.approx(float(combined.mean()), abs=1e-6)
+    assert metrics["reward_combined"] == pytest.approx(float(combined.mean()), abs=1e-6)
     assert {"reward_helpfulness", "reward_safety", "safety_share", "kl_reference", "eos_rate"} <= set(metrics)
     _, sums = grpo_loss.make_grpo_loss(clip=0.2, kl_coef=0.04)(model, rows)
     assert float(sums["ratio"] / sums["weight"]) == pytest.approx(1.0, abs=1e-5)

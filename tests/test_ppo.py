@@ -6,6 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -14,11 +15,16 @@ from llama2_jax import cli, sharding
 from llama2_jax.checkpoint.convert import export_model
 from llama2_jax.checkpoint import load
 from llama2_jax.checkpoint.load import load_pretrained
+from llama2_jax.data.prompts import Prompt
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.model.config import LlamaConfig
 from llama2_jax.model.llama import ActorCritic, Llama, LlamaRewardModel
-from llama2_jax.reward import combine
-from llama2_jax.stages import ppo, ppo_rollouts
+from llama2_jax.reward import combine, score_tokens
+from llama2_jax.rollout.iterations import RolloutBatches, Settings
+from llama2_jax.rollout.prompts import PromptSet
+from llama2_jax.rollout.sampler import Answer
+from llama2_jax.rollout.scoring import FrozenModels
+from llama2_jax.stages import on_policy, ppo
 from llama2_jax.train import loop, optim, ppo_loss
 from stop_requests import stop_when
 from tolerances import assert_close_at_scale
@@ -212,31 +218,37 @@ def test_a_run_trains_on_its_own_rollouts_and_leaves_the_policy_in_its_workdir(u
 
 
 def test_the_rollouts_old_log_probs_make_the_first_ratio_one():
-    """score_rollout's old log-probs and values come from the training forward pass: the loss on its
+    """A PPO rollout's old log-probs and values come from the training forward pass: the loss on its
     rows sees ratio 1 and values unclipped, to float precision."""
     model = ActorCritic(CONFIG, rngs=nnx.Rngs(2))
-    frozen = ppo_rollouts.FrozenModels(Llama(CONFIG, rngs=nnx.Rngs(3)), LlamaRewardModel(CONFIG, rngs=nnx.Rngs(4)),
-                                       LlamaRewardModel(CONFIG, rngs=nnx.Rngs(5)))
+    frozen = FrozenModels(Llama(CONFIG, rngs=nnx.Rngs(3)), LlamaRewardModel(CONFIG, rngs=nnx.Rngs(4)),
+                          LlamaRewardModel(CONFIG, rngs=nnx.Rngs(5)))
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, 64, length).tolist() for length in (3, 5, 4, 6)]
-    answers = [ppo_rollouts.Answer(row, 0, tuple(rng.integers(3, 64, length).tolist()), finished)
+    is_safety = [True, False, False, True]
+    prompts = PromptSet([Prompt(({"role": "user", "content": "x"},), safety) for safety in is_safety], [0, 1, 2, 3],
+                        [rng.integers(3, 64, length).tolist() for length in (3, 5, 4, 6)], 0)
+    answers = [Answer(row, 0, tuple(rng.integers(3, 64, length).tolist()), finished)
                for row, (length, finished) in enumerate([(4, True), (2, False), (5, True), (3, True)])]
-    settings = ppo_rollouts.Settings(rollouts=4, mini_batch=4, epochs=1, max_new_tokens=6, temperature=1.0,
-                                     kl_coef=0.1, gamma=1.0, lam=0.95, missing_eos_penalty=1.0, sample_batch_size=4,
-                                     score_batch_size=4, seq_len=16, seed=0, eos_id=2)
+    settings = Settings(rollouts=4, mini_batch=4, epochs=1, max_new_tokens=6, temperature=1.0, sample_batch_size=4,
+                        score_batch_size=4, seq_len=16, seed=0, eos_id=2)
+    section = ml_collections.ConfigDict(dict(kl_coef=0.1, gamma=1.0, lam=0.95, missing_eos_penalty=1.0))
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    scored = ppo_rollouts.score_rollout(model, frozen, prompts, answers, np.array([True, False, False, True]),
-                                        settings, mesh, sharding.DEFAULT_RULES)
-    rows = scored.rows
+    rows, metrics = on_policy.score_rollout(ppo.ALGORITHM, section, model, frozen,
+                                            on_policy.Rewards(section, "ppo", None), prompts, answers, np.arange(4),
+                                            settings, mesh, sharding.DEFAULT_RULES)
     assert rows["answer_mask"].sum(axis=1).tolist() == [4, 2, 5, 3]
     assert rows["answer_mask"][1].tolist()[4:7] == [1, 1, 0]  # prompt of 5: answer tokens at 5, 6
     _, sums = ppo_loss.make_ppo_loss(clip=0.2, value_clip=0.2)(model, rows)
     assert float(sums["ratio"] / sums["weight"]) == pytest.approx(1.0, abs=1e-5)
     assert float(sums["approx_kl"]) == pytest.approx(0.0, abs=1e-6)
     assert float(sums["clip_fraction"]) == 0 and float(sums["value_clip_fraction"]) == 0
-    assert np.all(scored.kl[rows["answer_mask"] == 0] == 0) and np.any(scored.kl != 0)
-    assert scored.combined.tolist() == pytest.approx(combine(scored.helpfulness, scored.safety,
-                                                             [True, False, False, True]).tolist())
+    off_answers = rows["answer_mask"] == 0
+    assert np.all(rows["old_log_probs"][off_answers] == 0) and np.all(rows["advantages"][off_answers] == 0)
+    sequences = [[*prompts.tokens[a.prompt], *a.tokens, *(() if a.finished else (2,))] for a in answers]
+    helpfulness, safety = (score_tokens(rm, sequences, batch_size=4, mesh=mesh, rules=sharding.DEFAULT_RULES)
+                           for rm in (frozen.helpfulness, frozen.safety))
+    assert metrics["reward_combined"] == pytest.approx(float(combine(helpfulness, safety, is_safety).mean()), abs=1e-6)
+    assert metrics["kl_reference"] != 0  # the policy is not its reference
 
 
 def test_a_run_stopped_mid_iteration_resumes_to_the_same_rewards_and_losses(models, uninterrupted, tmp_path,
@@ -263,7 +275,7 @@ def test_bad_input_is_one_clear_error(models, tmp_path, capsys):
         (["--config.ppo.value_init=nowhere"], 2, "ppo.value_init"),
         ([f"--config.ppo.helpfulness_rm={models / 'policy'}"], 1, "holds a language model; it must be a reward model"),
         (["--config.ppo.device_memory_gib=0.001"], 1, "shard them over more devices"),
-        (["--config.lora.rank=4", "--config.lora.dropout=0.1"], 2, "PPO and GRPO train adapters without dropout"),
+        (["--config.lora.rank=4", "--config.lora.dropout=0.1"], 2, "PPO trains adapters without dropout"),
     ]
     for extra, code, message in cases:
         assert cli.main(argv(models, tmp_path / "bad", *extra)) == code
@@ -282,14 +294,14 @@ def test_bad_input_is_one_clear_error(models, tmp_path, capsys):
 
 
 def test_a_loss_that_turns_nan_stops_the_run_and_keeps_the_last_good_checkpoint(models, tmp_path, monkeypatch, capsys):
-    real, made = ppo_rollouts.RolloutBatches.next_batch, []
+    real, made = RolloutBatches.next_batch, []
 
     def nan_from_the_second_batch(self, model):
         batch, metrics = real(self, model)
         made.append(batch)
         return (dict(batch, advantages=batch["advantages"] * jnp.nan) if len(made) > 1 else batch), metrics
 
-    monkeypatch.setattr(ppo_rollouts.RolloutBatches, "next_batch", nan_from_the_second_batch)
+    monkeypatch.setattr(RolloutBatches, "next_batch", nan_from_the_second_batch)
     assert cli.main(argv(models, tmp_path)) == 1
     assert "the loss is nan at step 2" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "train" / "checkpoints").iterdir() if p.name.isdigit()) == ["1"]
@@ -303,13 +315,13 @@ def test_the_value_model_can_start_from_the_policy(models, tmp_path):
 def test_early_stopping_on_held_out_kl_and_on_a_reward_that_stopped_rising():
     from ml_collections import ConfigDict
 
-    from llama2_jax.stages.ppo import early_stop_rule
+    from llama2_jax.stages.on_policy import early_stop_rule
 
-    assert early_stop_rule(ConfigDict(dict(early_stop_kl=0.0, patience=0))) is None
-    by_kl = early_stop_rule(ConfigDict(dict(early_stop_kl=2.0, patience=0)))
+    assert early_stop_rule("ppo", ConfigDict(dict(early_stop_kl=0.0, patience=0))) is None
+    by_kl = early_stop_rule("ppo", ConfigDict(dict(early_stop_kl=2.0, patience=0)))
     assert by_kl({"kl_reference": 1.9, "reward_combined": 0.1}) is None
     assert "ppo.early_stop_kl" in by_kl({"kl_reference": 2.1, "reward_combined": 0.9})
-    by_reward = early_stop_rule(ConfigDict(dict(early_stop_kl=0.0, patience=2)))
+    by_reward = early_stop_rule("ppo", ConfigDict(dict(early_stop_kl=0.0, patience=2)))
     verdicts = [by_reward({"kl_reference": 0.0, "reward_combined": value}) for value in (0.5, 0.6, 0.55, 0.7, 0.6, 0.6)]
     assert verdicts[:5] == [None] * 5 and "ppo.patience" in verdicts[5]
 
@@ -340,7 +352,7 @@ def test_the_shared_helpfulness_rm_keeps_its_own_head_while_the_value_head_train
         variable.set_value(variable[...] + 0.1)
     value.score.kernel.set_value(value.score.kernel[...] * 3)
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, config.vocab_size, (2, 12)), jnp.int32)
-    frozen = ppo_rollouts.FrozenModels(None, None, None, helpfulness_head=rm.score.kernel[...])
+    frozen = FrozenModels(None, None, None, helpfulness_head=rm.score.kernel[...])
     scorer = frozen.scoring_with(value).helpfulness
     np.testing.assert_allclose(scorer(tokens), rm(tokens), atol=1e-5, rtol=0)
     assert float(jnp.abs(value(tokens) - rm(tokens)).max()) > 1e-2  # the value model itself is untouched

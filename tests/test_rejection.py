@@ -16,7 +16,7 @@ from llama2_jax.model.llama import Llama, LlamaRewardModel
 from llama2_jax.reward import combine
 from llama2_jax.sharding import model_arrays
 from llama2_jax.stages import rejection
-from llama2_jax.stages.rejection_phases import Answer
+from llama2_jax.rollout.sampler import Answer
 from llama2_jax.train import loop
 from stop_requests import stop_when
 
@@ -173,7 +173,7 @@ def test_a_finished_run_reruns_without_redoing_work_and_refuses_an_unreadable_ca
     def never(*args, **kwargs):
         raise AssertionError("finished work done again")
 
-    monkeypatch.setattr(rejection, "sample_answers", never)
+    monkeypatch.setattr(rejection.Sampler, "sample", never)
     monkeypatch.setattr(rejection, "score_answers", never)
     monkeypatch.setattr(rejection, "train", never)
     assert cli.main(argv(models, uninterrupted)) == 0
@@ -221,13 +221,13 @@ def test_a_larger_policy_samples_when_given_and_a_round_of_empty_answers_is_refu
     export_model(Llama(larger, rngs=nnx.Rngs(3)), str(tmp_path / "larger"), "orbax", tokenizer_path=str(TOKENIZER.path))
     sampled_by = []
 
-    def at_once_eos(policy, prompt_tokens, *, samples, eos_id, **kwargs):
-        sampled_by.append(policy.config.n_layers)
+    def at_once_eos(sampler, prompt_tokens, *, samples, eos_id, **kwargs):
+        sampled_by.append(sampler.policy.config.n_layers)
         answers = [Answer(prompt, sample, (eos_id,), True) for prompt in range(len(prompt_tokens))
                    for sample in range(samples)]
         return answers, 1.0, False
 
-    monkeypatch.setattr(rejection, "sample_answers", at_once_eos)
+    monkeypatch.setattr(rejection.Sampler, "sample", at_once_eos)
     assert cli.main(argv(models, tmp_path / "run", "--config.rejection.eval_prompts=0",
                          f"--config.rejection.sample_from={tmp_path / 'larger'}")) == 1
     captured = capsys.readouterr()

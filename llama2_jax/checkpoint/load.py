@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 FORMATS = ("meta", "hf", "orbax")
 READERS = {"meta": meta.read_meta, "hf": hf.read_hf, "orbax": orbax_params.read_orbax_params}
 TOKENIZER_FILE = "tokenizer.model"
+# What each kind of checkpoint holds, as errors name it.
+KIND_NAMES = {"llama": "language model", "reward": "reward model", "actor_critic": "policy with its value model"}
 
 
 def detect_format(path: str | os.PathLike) -> str:

@@ -29,7 +29,7 @@ def held_out_prompts(spec: str, tokenizer, budget: int):
     `budget` tokens skipped."""
     from llama2_jax.data.config import default_data_config
     from llama2_jax.data.prompts import read_prompts, split_prompts
-    from llama2_jax.stages.rejection import encode_prompts
+    from llama2_jax.rollout.prompts import encode_prompts
 
     if spec.endswith(".jsonl"):
         return encode_prompts(read_prompts(spec), tokenizer, budget)
@@ -47,7 +47,7 @@ def main(argv: Sequence[str]) -> int:
     from llama2_jax import reward, sharding
     from llama2_jax.checkpoint.load import load_tokenizer
     from llama2_jax.eval.policies import compare, markdown_table
-    from llama2_jax.stages.rejection_phases import CUT_ANSWER_EOS
+    from llama2_jax.rollout.sampler import CUT_ANSWER_EOS
 
     parser = ArgumentParser(prog="python -m llama2_jax compare", description=__doc__)
     parser.add_argument("--reference", required=True, help="the policy every KL is measured to (the SFT model)")

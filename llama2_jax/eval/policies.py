@@ -15,16 +15,15 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh
 
 from llama2_jax import reward, sharding
 from llama2_jax.checkpoint.load import load_pretrained
 from llama2_jax.data.instructions import follows_instruction
 from llama2_jax.data.tokenizer import Tokenizer
-from llama2_jax.stages.ppo_rollouts import in_chunks, token_log_probs, training_rows
-from llama2_jax.stages.rejection import PromptSet
-from llama2_jax.stages.rejection_phases import Answer, answer_held_out, scored_sequence
+from llama2_jax.rollout.prompts import PromptSet
+from llama2_jax.rollout.sampler import Sampler, answer_held_out, scored_sequence
+from llama2_jax.rollout.scoring import combined_scores, log_probs_of, training_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,10 +42,6 @@ class PolicyFigures:
         return {name: value for name, value in dataclasses.asdict(self).items() if name != "answers"}
 
 
-def answer_text(tokenizer: Tokenizer, answer: Answer) -> str:
-    return tokenizer.decode(list(answer.tokens[:-1] if answer.finished else answer.tokens)).strip()
-
-
 def compare(reference: str, policies: Sequence[str], reward_models: Sequence, tokenizer: Tokenizer,
             prompts: PromptSet, *, instructed: PromptSet | None = None, max_new_tokens: int, seed: int = 0,
             mesh: Mesh, rules=sharding.DEFAULT_RULES, batch_size: int = 256, log=print) -> list[PolicyFigures]:
@@ -55,33 +50,32 @@ def compare(reference: str, policies: Sequence[str], reward_models: Sequence, to
     helpfulness_rm, safety_rm = (*reward_models, None)[:2]
     context = min(model.config.max_seq_len for model in reward_models)
     reference_model = load_pretrained(reference, "float32", mesh=mesh, rules=rules)
-    reference_split = nnx.split(reference_model)
-    sample = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, batch_size=batch_size, seed=seed,
-                  mesh=mesh, rules=rules)
+    sample = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, batch_size=batch_size, seed=seed)
     figures = []
     for path in [reference, *policies]:
         log(f"{path}: answering {len(prompts.indices)} held-out prompts")
         policy = reference_model if path == reference else load_pretrained(path, "float32", mesh=mesh, rules=rules)
-        answers = answer_held_out(policy, prompts.tokens, **sample)
+        sampler = Sampler(policy, mesh, rules)
+        answers = answer_held_out(sampler, prompts.tokens, **sample)
         tokens = [prompts.tokens[answer.prompt] for answer in answers]
         sequences = [scored_sequence(prompt, answer, tokenizer.eos_id) for prompt, answer in zip(tokens, answers)]
-        helpfulness = reward.score_tokens(helpfulness_rm, sequences, batch_size=64, mesh=mesh, rules=rules)
-        safety = (helpfulness if safety_rm is None
-                  else reward.score_tokens(safety_rm, sequences, batch_size=64, mesh=mesh, rules=rules))
-        combined = reward.combine(helpfulness, safety, prompts.is_safety)
+        helpfulness, safety = (None if model is None else
+                               reward.score_tokens(model, sequences, batch_size=64, mesh=mesh, rules=rules)
+                               for model in (helpfulness_rm, safety_rm))
+        scores = combined_scores(helpfulness, safety, prompts.is_safety)
         rows = training_rows(tokens, answers, context)
         chunk = 8 * sharding.batch_shard_count(mesh, rules)
-        own, against = (in_chunks(token_log_probs, *split, rows, chunk, mesh, rules)
-                        for split in (nnx.split(policy), reference_split))
+        own, against = (log_probs_of(model, rows, chunk, mesh, rules) for model in (policy, reference_model))
         kl = ((own - against) * rows["answer_mask"]).sum(axis=1)
         followed = None
         if instructed is not None:
-            following = answer_held_out(policy, instructed.tokens, **sample)
-            followed = float(np.mean([
-                follows_instruction(instructed.prompts[instructed.indices[a.prompt]].dialog(), answer_text(tokenizer, a))
-                for a in following]))
-        figures.append(PolicyFigures(path, float(combined.mean()), float(helpfulness.mean()), float(safety.mean()),
-                                     float(kl.mean()), followed, [answer_text(tokenizer, a) for a in answers]))
+            following = answer_held_out(sampler, instructed.tokens, **sample)
+            followed = float(np.mean([follows_instruction(instructed.dialog(a.prompt), a.text(tokenizer))
+                                      for a in following]))
+        del sampler
+        figures.append(PolicyFigures(path, float(scores.combined.mean()), float(scores.helpfulness.mean()),
+                                     float(scores.safety.mean()), float(kl.mean()), followed,
+                                     [a.text(tokenizer) for a in answers]))
     return figures
 
 

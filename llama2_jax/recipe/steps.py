@@ -174,7 +174,7 @@ def mixed_datasets(config: ml_collections.ConfigDict) -> tuple[str, ...]:
     settings = config.get(config.stage)
     if settings is None or "mix" not in settings:
         return ()
-    from llama2_jax.stages.reward import mixture
+    from llama2_jax.stages.preference_pairs import mixture
 
     return tuple(mixture(config)[0][1:])
 

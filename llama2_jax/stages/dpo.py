@@ -36,10 +36,10 @@ from llama2_jax.data.records import RATING_LEVELS
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.errors import ConfigError
 from llama2_jax.model import lora
-from llama2_jax.stages import reward
+from llama2_jax.stages import preference_pairs as pairs
 from llama2_jax.stages.initial import (initial_tokenizer, load_initial_model, start_from_checkpoint,
                                        set_steps_from_epochs)
-from llama2_jax.stages.rejection import check_models_of
+from llama2_jax.rollout.prompts import check_models_of
 from llama2_jax.train.config import model_config_from
 from llama2_jax.train.dpo_loss import LOSSES, answer_log_probs, make_dpo_loss
 from llama2_jax.train.loop import TrainResult, train
@@ -57,7 +57,7 @@ CONFIG_DOCS = {
                   "0) or large (3, 2, 1, 0); unrated pairs get 0",
     "dpo.safety_rule": "skip pairs whose chosen answer is unsafe while the rejected one is safe, in every dataset "
                        "with safety labels",
-    "dpo.mix": reward.MIX_DOC,
+    "dpo.mix": pairs.MIX_DOC,
     "dpo.frozen_dtype": "storage dtype of the frozen reference",
 }
 REFERENCE_FIELDS = ("reference_chosen", "reference_rejected")
@@ -76,7 +76,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"dpo.beta is {settings.beta}; it must be above 0")
     if config.train.z_loss_weight or config.train.eval_tasks:
         raise ConfigError("train.z_loss_weight and train.eval_tasks are not DPO's; leave them 0 and empty")
-    reward.mixture(config)
+    pairs.mixture(config)
 
 
 def batch_spec(seq_len: int, reference: bool = True) -> BatchSpec:
@@ -153,11 +153,11 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
     def batches(mesh, rules, split: str, num_epochs: int | None):
         pair_tokenizer = tokenizer or initial_tokenizer(config)
         if split == data.train_split:
-            names, shares = reward.mixture(config)
-            source = Mixture([reward.open_preferences(config, name, split) for name in names], shares)
+            names, shares = pairs.mixture(config)
+            source = Mixture([pairs.open_preferences(config, name, split) for name in names], shares)
         else:
-            source = reward.open_preferences(config, data.dataset, split)
-        made = make_batches(data, source, pairs_spec, reward.pair_encoder(config, pair_tokenizer, answer_masks=True),
+            source = pairs.open_preferences(config, data.dataset, split)
+        made = make_batches(data, source, pairs_spec, pairs.pair_encoder(config, pair_tokenizer, answer_masks=True),
                             global_batch_size=train_config.global_batch_size, mesh=mesh, rules=rules,
                             seed=train_config.seed, num_epochs=num_epochs)
         return made if reference_in_step else ReferenceLogProbs(made, reference(mesh, rules))
@@ -181,8 +181,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
     check_config(config)
     tokenizer = start_from_checkpoint(config, kind="llama")
     check_models_of(config, tokenizer, {"dpo.reference": (config.dpo.reference, "llama")}, "train.seq_len", 0)
-    counts = reward.count_pairs(config, tokenizer)
-    set_steps_from_epochs(config, reward.pairs_per_epoch(config, counts))
+    counts = pairs.count_pairs(config, tokenizer)
+    set_steps_from_epochs(config, pairs.pairs_per_epoch(config, counts))
     result = train(config, workdir, make_task(config, tokenizer))
     if result.eval_metrics and not result.interrupted and jax.process_index() == 0:
         print(evaluation_table(result.eval_metrics, config.train.steps))

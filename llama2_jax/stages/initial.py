@@ -20,7 +20,7 @@ import math
 import ml_collections
 
 from llama2_jax import storage
-from llama2_jax.checkpoint.load import (TOKENIZER_FILE, checkpoint_config, load_pretrained, load_tokenizer,
+from llama2_jax.checkpoint.load import (KIND_NAMES, TOKENIZER_FILE, checkpoint_config, load_pretrained, load_tokenizer,
                                         with_new_parameters)
 from llama2_jax.errors import ConfigError
 from llama2_jax.data.tokenizer import Tokenizer
@@ -29,7 +29,6 @@ from llama2_jax.train.config import model_config_from
 
 # Fields that fix the weights' shapes: models trained together (a policy and its value model) share them.
 SHAPE_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim")
-KIND_NAMES = {"llama": "language model", "reward": "reward model", "actor_critic": "policy with its value model"}
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,11 @@ import ml_collections
 
 from llama2_jax import generate
 from llama2_jax.data import tokenized
-from llama2_jax.data.pipeline import load_tokenizer, make_batches, open_split
-from llama2_jax.data.row_batches import make_row_batches
-from llama2_jax.data.text import DocumentChunks, next_token_spec, unigram_entropy
+from llama2_jax.data.pipeline import load_tokenizer, open_split
+from llama2_jax.data.text import DocumentChunks, unigram_entropy
 from llama2_jax.data.tokenizer import Tokenizer
-from llama2_jax.eval.multiple_choice import task_evaluator
-from llama2_jax.train.config import model_config_from
+from llama2_jax.stages.next_token import next_token_task
 from llama2_jax.train.loop import TrainResult, train
-from llama2_jax.train.losses import make_next_token_loss
 from llama2_jax.train.task import Task
 
 STAGE = "pretrain"
@@ -45,43 +42,6 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
     first made, unless given."""
     return next_token_task(config, tokenizer, kind="text", pieces=DocumentChunks,
                            default_tokenizer=lambda: load_tokenizer(config.data))
-
-
-def next_token_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None, *, kind: str,
-                    pieces: Callable[[Tokenizer, int], Any], default_tokenizer: Callable[[], Tokenizer],
-                    initial_model: Callable | None = None, train_examples: Any = None) -> Task:
-    """Next-token loss over the examples of `config.data` (`kind` "text" or "chat"), each cut into
-    pieces of at most seq_len by `pieces(tokenizer, seq_len)` and packed: pretraining, and SFT with
-    pieces that weigh only the answers. `train_examples` (random access), when given, are trained on
-    instead of the dataset's training split, without held-out evaluation (rejection sampling trains
-    on the answers it selected)."""
-    train_config, data = config.train, config.data
-    spec = next_token_spec(train_config.seq_len)
-
-    def examples(split: str):
-        return open_split(data, split, kind=kind) if train_examples is None else train_examples
-
-    def batches(mesh, rules, split: str, num_epochs: int | None):
-        split_tokenizer = tokenizer or default_tokenizer()
-        options = {"global_batch_size": train_config.global_batch_size, "mesh": mesh, "rules": rules,
-                   "seed": train_config.seed, "num_epochs": num_epochs}
-        if kind == "text" and tokenized.is_configured(data):  # packed ahead of time: read by row index
-            rows = tokenized.open_rows(data, split, split_tokenizer, train_config.seq_len)
-            return make_row_batches(data, rows, spec, **options)
-        return make_batches(data, examples(split), spec, pieces(split_tokenizer, train_config.seq_len), **options)
-
-    evaluates_tasks = tokenizer is not None and train_config.eval_tasks
-    return Task(
-        model_config=model_config_from(config),
-        loss_fn=make_next_token_loss(z_loss_weight=train_config.z_loss_weight),
-        batch_spec=spec,
-        train_batches=lambda mesh, rules: batches(mesh, rules, data.train_split, None),
-        eval_batches=((lambda mesh, rules: batches(mesh, rules, data.eval_split, 1))
-                      if train_config.eval_every and train_examples is None else None),
-        initial_model=initial_model,
-        model_evals=task_evaluator(train_config.eval_tasks, tokenizer) if evaluates_tasks else None,
-        tokenizer_path=str(tokenizer.path) if tokenizer else None,
-    )
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:

@@ -10,7 +10,7 @@ A round (rejection.rounds of them):
 
     sample   K answers (rejection.samples) to every training prompt (data.train_split) from the newest
              policy, or every round from rejection.sample_from (a larger policy: distillation), at the
-             round's temperature (rejection_phases.py)
+             round's temperature (llama2_jax/rollout/sampler.py)
     score    every answer by the helpfulness and the safety reward model, as the token ids sampled
     select   per prompt the answer with the highest combined reward (llama2_jax.reward.combine)
     pool     the best answer per prompt over every round so far (llama2_jax/selection.py)
@@ -43,18 +43,20 @@ import numpy as np
 
 from llama2_jax import metrics as metrics_lib
 from llama2_jax import selection, sharding, storage
-from llama2_jax.checkpoint.load import checkpoint_config, detect_format, load_pretrained, tokenizer_file
-from llama2_jax.data.chat import encode_dialog
+from llama2_jax.checkpoint.load import load_pretrained
 from llama2_jax.data.dialogs import DialogPieces, scan
-from llama2_jax.data.prompts import Prompt, split_prompts
+from llama2_jax.data.prompts import split_prompts
 from llama2_jax.data.tokenizer import Tokenizer
 from llama2_jax.errors import ConfigError
 from llama2_jax.generate import SamplingParams
+from llama2_jax.rollout import files as rollout_files
+from llama2_jax.rollout.prompts import PromptSet, check_models_of, encode_prompts
+from llama2_jax.rollout.sampler import CUT_ANSWER_EOS, Answer, Sampler, answer_held_out, part_seed, scored_sequence
+from llama2_jax.rollout.scoring import score_answers
 from llama2_jax.stages import rejection_files as files
-from llama2_jax.stages import rejection_metrics, sft
-from llama2_jax.stages.initial import KIND_NAMES, set_steps_from_epochs, start_from_checkpoint
-from llama2_jax.stages.rejection_phases import (CUT_ANSWER_EOS, Answer, answer_held_out, part_seed, sample_answers,
-                                                score_answers, scored_sequence)
+from llama2_jax.stages import rejection_metrics
+from llama2_jax.stages.initial import set_steps_from_epochs, start_from_checkpoint
+from llama2_jax.stages.next_token import dialog_task, rows_per_epoch
 from llama2_jax.train.loop import train
 from llama2_jax.train.stopping import StopRequests
 from llama2_jax.train.task import Task
@@ -86,7 +88,7 @@ def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = N
               dialogs: Sequence[Mapping[str, Any]] = ()) -> Task:
     """A round's fine-tuning: SFT's answer-only loss over the pool's dialogs, from config.init_checkpoint
     (the policy the round sampled from)."""
-    return sft.make_task(config, tokenizer, dialogs=list(dialogs))
+    return dialog_task(config, tokenizer, dialogs=list(dialogs))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,20 +96,6 @@ class RejectionResult:
     rounds: int  # rounds finished
     pool: dict[int, selection.PoolEntry]
     interrupted: bool  # stopped by SIGTERM or Ctrl-C; rerunning resumes
-
-
-@dataclasses.dataclass(frozen=True)
-class PromptSet:
-    """Prompts that fit, as the policy reads them: their index in the split, token ids and safety flags."""
-
-    prompts: list[Prompt]
-    indices: list[int]
-    tokens: list[list[int]]
-    skipped: int
-
-    @property
-    def is_safety(self) -> np.ndarray:
-        return np.array([self.prompts[index].safety for index in self.indices], bool)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> RejectionResult:
@@ -128,7 +116,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> RejectionResult:
     _print(f"training prompts: {len(training.indices)} of {len(training.prompts)} ({training.skipped} too long to "
            f"answer in the context, skipped)" + (f"; held-out prompts: {len(held_out.indices)} of "
                                                   f"{len(held_out.prompts)}" if held_out else ""))
-    files.write_json(storage.as_path(workdir) / "config.json", config.to_dict())
+    rollout_files.write_json(storage.as_path(workdir) / "config.json", config.to_dict())
     return _Run(config, workdir, tokenizer, training, held_out).rounds()
 
 
@@ -165,44 +153,6 @@ def check_models(config: ml_collections.ConfigDict, tokenizer: Tokenizer) -> int
                                                "rejection.safety_rm": (settings.safety_rm, "reward"),
                                                "rejection.sample_from": (settings.sample_from, "llama")},
                            "rejection.max_new_tokens", settings.max_new_tokens)
-
-
-def check_models_of(config: ml_collections.ConfigDict, tokenizer: Tokenizer, models: Mapping[str, tuple[str, str]],
-                    limit_key: str, max_new_tokens: int) -> int:
-    """`models` (config key -> (path, kind); empty paths skipped) hold models of their kind with the
-    policy's tokenizer, and leave room for a prompt before `max_new_tokens`; the context all can read."""
-    context = config.model.max_seq_len
-    for key, (path, kind) in models.items():
-        if not path:
-            continue
-        model_config, found = checkpoint_config(path)
-        if found != kind:
-            what = "a reward model (python -m llama2_jax reward)" if kind == "reward" else "a language model"
-            raise ValueError(f"{key} {path} holds a {KIND_NAMES.get(found, found)}; it must be {what}")
-        own = tokenizer_file(path, detect_format(path))
-        if own is None or storage.as_path(own).read_bytes() != tokenizer.path.read_bytes():
-            raise ValueError(f"{key} {path} has {'no' if own is None else 'another'} tokenizer.model than the policy "
-                             f"{config.init_checkpoint}'s; every model must read the same token ids (train them from "
-                             "the same SFT model)")
-        if model_config.vocab_size != config.model.vocab_size:
-            raise ValueError(f"{key} {path} has a vocabulary of {model_config.vocab_size} tokens, the policy "
-                             f"{config.model.vocab_size}; every model must read the same token ids")
-        context = min(context, model_config.max_seq_len)
-    if context <= max_new_tokens:
-        raise ConfigError(f"{limit_key} {max_new_tokens} leaves no room for a prompt in a context of {context} "
-                          "tokens (the smallest of the policy's and the models'); lower it")
-    return context
-
-
-def encode_prompts(prompts: list[Prompt], tokenizer: Tokenizer, budget: int) -> PromptSet:
-    """The prompts in the chat format; those longer than `budget` tokens are skipped and counted."""
-    indices, tokens = [], []
-    for index, prompt in enumerate(prompts):
-        ids = encode_dialog(tokenizer, prompt.messages).tokens
-        if len(ids) <= budget:
-            indices.append(index)
-            tokens.append(ids)
-    return PromptSet(prompts, indices, tokens, len(prompts) - len(indices))
 
 
 class _Run:
@@ -252,7 +202,7 @@ class _Run:
         if trained is None:
             return pool, True
         if files.exported_round(self.workdir) != number:
-            files.export_policy(self.workdir, number, trained(), self.tokenizer.path)
+            rollout_files.export_policy(self.workdir, trained(), self.tokenizer.path, trained={"round": number})
         if self.held_out and not files.held_out_path(self.workdir, number).exists():
             self.evaluate(number, trained())
         return pool, False
@@ -264,16 +214,16 @@ class _Run:
         sampling = SamplingParams(temperature=temperature(self.config, number))
         _print(f"round {number}: sampling {self.settings.samples} answers to each of {len(self.training.indices)} "
                f"prompts from {policy_path} at temperature {sampling.temperature}")
-        policy = self.load_policy(policy_path)
-        answers, seconds, stopped = sample_answers(
-            policy, self.training.tokens, samples=self.settings.samples, sampling=sampling,
+        sampler = Sampler(self.load_policy(policy_path), self.mesh, self.rules)
+        answers, seconds, stopped = sampler.sample(
+            self.training.tokens, samples=self.settings.samples, sampling=sampling,
             max_new_tokens=self.settings.max_new_tokens, eos_id=self.tokenizer.eos_id,
             batch_size=self.settings.batch_size, seed=lambda part: part_seed(self.config.train.seed, number, part),
-            mesh=self.mesh, rules=self.rules, saved=lambda part: self.saved_part(number, part),
-            save=lambda part, found, seconds: files.write_json(files.part_path(self.workdir, number, part), {
+            saved=lambda part: self.saved_part(number, part),
+            save=lambda part, found, seconds: rollout_files.write_json(files.part_path(self.workdir, number, part), {
                 "seconds": seconds, "answers": [dataclasses.asdict(answer) for answer in found]}),
             stop=self.should_stop)
-        del policy
+        del sampler
         if stopped:
             return None
         files.set_phase_seconds(self.workdir, number, "sample", seconds)
@@ -286,11 +236,11 @@ class _Run:
         path = files.part_path(self.workdir, number, part)
         if not path.exists():
             return None
-        saved = files.read_json(path, f"a batch of round {number}'s sampled answers")
+        saved = rollout_files.read_json(path, f"a batch of round {number}'s sampled answers")
         try:
             answers = [Answer(a["prompt"], a["sample"], tuple(a["tokens"]), a["finished"]) for a in saved["answers"]]
         except (KeyError, TypeError) as error:
-            raise files.unreadable(path, f"a batch of round {number}'s sampled answers", error) from None
+            raise rollout_files.unreadable(path, f"a batch of round {number}'s sampled answers", error) from None
         return answers, float(saved["seconds"])
 
     def score(self, number: int, answers: list[Answer], pool: dict) -> dict:
@@ -323,7 +273,7 @@ class _Run:
              "helpfulness": float(scores.helpfulness[index]), "safety": float(scores.safety[index]),
              "combined": float(scores.combined[index]), "kept": index in kept}
             for index, (answer, text) in enumerate(zip(answers, texts))]
-        files.write_jsonl(files.candidates_path(self.workdir, number), candidates)
+        rollout_files.write_jsonl(files.candidates_path(self.workdir, number), candidates)
         files.set_phase_seconds(self.workdir, number, "score", time.perf_counter() - start)
         self.write_pool(updated)
         return updated
@@ -338,7 +288,7 @@ class _Run:
                    for prompt, entry in sorted(pool.items())]
         if not config.train.steps:
             counts = scan(dialogs, DialogPieces(self.tokenizer, config.train.seq_len))
-            set_steps_from_epochs(config, sft.rows_per_epoch(config, counts.piece_lengths))
+            set_steps_from_epochs(config, rows_per_epoch(config, counts.piece_lengths))
         directory = files.round_dir(self.workdir, number)
         if (directory / "checkpoints" / str(config.train.steps) / "state").is_dir():
             return lambda: self.load_policy(os.fspath(directory), training=True)
@@ -357,9 +307,9 @@ class _Run:
         start = time.perf_counter()
         prompts = self.held_out
         _print(f"round {number}: answering {len(prompts.indices)} held-out prompts")
-        answers = answer_held_out(policy, prompts.tokens, max_new_tokens=self.settings.max_new_tokens,
-                                  eos_id=self.tokenizer.eos_id, batch_size=self.settings.batch_size,
-                                  seed=self.config.train.seed, mesh=self.mesh, rules=self.rules)
+        answers = answer_held_out(Sampler(policy, self.mesh, self.rules), prompts.tokens,
+                                  max_new_tokens=self.settings.max_new_tokens, eos_id=self.tokenizer.eos_id,
+                                  batch_size=self.settings.batch_size, seed=self.config.train.seed)
         del policy
         scores = score_answers(
             [scored_sequence(prompts.tokens[answer.prompt], answer, self.tokenizer.eos_id) for answer in answers],
@@ -372,7 +322,7 @@ class _Run:
                             "safety_prompt": bool(prompts.is_safety[answer.prompt]), "answer": self.answer_text(answer),
                             "helpfulness": float(scores.helpfulness[index]), "safety": float(scores.safety[index]),
                             "combined": float(scores.combined[index])})
-        files.write_jsonl(files.held_out_path(self.workdir, number), records)
+        rollout_files.write_jsonl(files.held_out_path(self.workdir, number), records)
         files.set_phase_seconds(self.workdir, number, "evaluate", time.perf_counter() - start)
 
     # ---- files, models and metrics -------------------------------------------------------------
@@ -390,11 +340,10 @@ class _Run:
                                max_seq_len=self.config.model.max_seq_len)
 
     def answer_text(self, answer: Answer) -> str:
-        tokens = answer.tokens[:-1] if answer.finished else answer.tokens
-        return self.tokenizer.decode(list(tokens)).strip()
+        return answer.text(self.tokenizer)
 
     def read_candidates(self, number: int) -> list[dict[str, Any]]:
-        return files.read_jsonl(files.candidates_path(self.workdir, number), f"round {number}'s scored answers",
+        return rollout_files.read_jsonl(files.candidates_path(self.workdir, number), f"round {number}'s scored answers",
                                 files.CANDIDATE_FIELDS)
 
     def pool_with(self, pool: dict, number: int, candidates: list[dict[str, Any]]) -> dict:
@@ -410,7 +359,7 @@ class _Run:
         return updated
 
     def write_pool(self, pool: dict) -> None:
-        files.write_jsonl(storage.as_path(self.workdir) / files.POOL_FILE, [
+        rollout_files.write_jsonl(storage.as_path(self.workdir) / files.POOL_FILE, [
             {"prompt": prompt, "messages": self.training.prompts[prompt].dialog(),
              "safety_prompt": self.training.prompts[prompt].safety, **dataclasses.asdict(entry)}
             for prompt, entry in sorted(pool.items())])
@@ -429,7 +378,7 @@ class _Run:
             values.update(rejection_metrics.round_metrics(self.read_candidates(number), pool, self.settings.samples,
                                                           files.read_phases(self.workdir, number)))
         if self.held_out:
-            values.update(rejection_metrics.held_out_metrics(files.read_jsonl(
+            values.update(rejection_metrics.held_out_metrics(rollout_files.read_jsonl(
                 files.held_out_path(self.workdir, number), f"round {number}'s held-out answers")))
         writer.write(number, values)
         _print(f"round {number}: " + ", ".join(f"{name} {value:.4g}" for name, value in values.items()))

@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 
 from llama2_jax import selection
-
-UNSAFE_SCORE = 0.5
+from llama2_jax.reward import UNSAFE_SCORE
 
 
 def round_metrics(candidates: list[dict[str, Any]], pool: Mapping[int, selection.PoolEntry], samples: int,

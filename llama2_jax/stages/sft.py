@@ -18,19 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any
 
 import jax
 import ml_collections
 
 from llama2_jax import generate, storage
 from llama2_jax.data.dialogs import DialogPieces, example_messages, scan
-from llama2_jax.data.pipeline import open_split, packed_rows
+from llama2_jax.data.pipeline import open_split
 from llama2_jax.data.tokenizer import Tokenizer
-from llama2_jax.stages.initial import (initial_tokenizer, load_initial_model, start_from_checkpoint,
-                                       set_steps_from_epochs)
-from llama2_jax.stages.pretrain import next_token_task
+from llama2_jax.stages.initial import start_from_checkpoint, set_steps_from_epochs
+from llama2_jax.stages.next_token import dialog_task, rows_per_epoch
 from llama2_jax.train.loop import TrainResult, train
 from llama2_jax.train.task import Task
 
@@ -44,20 +41,9 @@ CONFIG_DOCS = {
 log = logging.getLogger(__name__)
 
 
-def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None,
-              dialogs: Sequence[Mapping[str, Any]] | None = None) -> Task:
-    """Answer-only next-token loss over the dialogs of `config.data`, from `config.init_checkpoint`;
-    or over `dialogs` (`{"messages": [...]}` each, random access) when given, without evaluation."""
-    return next_token_task(config, tokenizer, kind="chat", pieces=DialogPieces,
-                           default_tokenizer=lambda: initial_tokenizer(config),
-                           initial_model=lambda mesh, rules: load_initial_model(config, mesh, rules),
-                           train_examples=dialogs)
-
-
-def rows_per_epoch(config: ml_collections.ConfigDict, piece_lengths) -> int:
-    """Packed rows of `seq_len` the dialogs of one epoch make, packed as the pipeline packs them."""
-    return packed_rows(piece_lengths, config.train.seq_len, config.data,
-                       config.train.global_batch_size // jax.process_count(), config.train.seed)
+def make_task(config: ml_collections.ConfigDict, tokenizer: Tokenizer | None = None) -> Task:
+    """Answer-only next-token loss over the dialogs of `config.data`, from `config.init_checkpoint`."""
+    return dialog_task(config, tokenizer)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
