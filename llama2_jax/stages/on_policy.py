@@ -420,8 +420,9 @@ def run(algorithm: Algorithm, config: ml_collections.ConfigDict, workdir: str) -
     set_steps(algorithm, config)
     note = algorithm.before_training(config) if algorithm.before_training else ""
     group = algorithm.group_size(section)
-    _print(f"{algorithm.title}: {section.iterations} iterations of {section.rollouts // group} prompts x {group} "
-           f"answers from {len(training.indices)} training prompts ({training.skipped} too long, skipped), "
+    answers = f"{section.rollouts // group} prompts x {group} answers" if group > 1 else f"{section.rollouts} answers"
+    _print(f"{algorithm.title}: {section.iterations} iterations of {answers} from {len(training.indices)} training "
+           f"prompts ({training.skipped} too long, skipped), "
            f"{config.train.steps} optimizer steps; rewards from {rewards.source}{note}")
     train_dir = _train_dir(workdir)
     stopped_early = storage.as_path(train_dir) / EARLY_STOP_FILE
