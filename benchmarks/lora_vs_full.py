@@ -42,7 +42,7 @@ STAGES = {  # stage: (config, initial checkpoint, held-out figure, its name, the
     "sft": ("configs/sft.py:tiny", "runs/tiny", "eval_loss", "held-out answer loss", 1e-3),
     "dpo": ("configs/dpo.py:tiny", "runs/sft", "eval_accuracy", "held-out implicit-reward accuracy", 1e-5),
     "ppo": ("configs/ppo.py:tiny", "runs/rejection", "eval_reward_combined", "held-out mean combined reward", 6e-5),
-    "grpo": ("configs/grpo.py:tiny", "runs/rejection", "eval_reward", "held-out mean combined reward", 6e-5),
+    "grpo": ("configs/grpo.py:tiny", "runs/rejection", "eval_reward_combined", "held-out mean combined reward", 6e-5),
 }
 ON_POLICY = ("ppo", "grpo")  # their length is in iterations, and their loop's workdir is WORKDIR/train
 
