@@ -21,6 +21,7 @@ base, adapters off, is the reference, and the value model's base (the helpfulnes
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -172,10 +173,5 @@ ALGORITHM = on_policy.Algorithm(
     figure=plots.ppo_figure)
 CONFIG_DOCS = on_policy.config_docs(ALGORITHM)
 
-
-def make_task(config: ml_collections.ConfigDict, *args, **keywords):
-    return on_policy.make_task(ALGORITHM, config, *args, **keywords)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str):
-    return on_policy.run(ALGORITHM, config, workdir)
+make_task = functools.partial(on_policy.make_task, ALGORITHM)  # (config, ...) -> its Task
+run = functools.partial(on_policy.run, ALGORITHM)  # (config, workdir): what its command does

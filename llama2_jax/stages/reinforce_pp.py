@@ -13,6 +13,7 @@ An algorithm of the on-policy stage (llama2_jax/stages/on_policy.py), with GRPO'
 
 from __future__ import annotations
 
+import functools
 import ml_collections
 import numpy as np
 
@@ -40,10 +41,5 @@ ALGORITHM = on_policy.Algorithm(
     float_fields=grpo_loss.FLOAT_FIELDS, min_group_size=1)
 CONFIG_DOCS = on_policy.config_docs(ALGORITHM)
 
-
-def make_task(config: ml_collections.ConfigDict, *args, **keywords):
-    return on_policy.make_task(ALGORITHM, config, *args, **keywords)
-
-
-def run(config: ml_collections.ConfigDict, workdir: str):
-    return on_policy.run(ALGORITHM, config, workdir)
+make_task = functools.partial(on_policy.make_task, ALGORITHM)  # (config, ...) -> its Task
+run = functools.partial(on_policy.run, ALGORITHM)  # (config, workdir): what its command does
