@@ -1,0 +1,335 @@
+"""Continuous batching: a fixed number of slots decode together, and a slot whose answer ended
+takes the next waiting (prompt, sample) at once, rather than idling until the batch's longest
+answer is done.
+
+`generate.generate` decodes a batch until its last row ends: with EOS on, most rows finish early
+and sit idle while the longest answer goes on, and the next batch waits for all of them. Here each
+slot (a row of the KV cache) has its own cache index, position and attention mask
+(`llama.KVCache` with a per-row `index`), so slots can be at any point of different answers. The
+host decides what goes where; the device runs two programs, each compiled once per bucket:
+
+    _insert   prefills the prompts that start now (left-padded to the prompt bucket P, once per
+              prompt whatever its number of samples), writes each started slot's cache rows
+              [0, P) from its prompt's prefill and draws the answer's first token
+    _decode   decodes every slot, one token per step inside a `jax.lax.while_loop`, until
+              `refill_at` slots have ended (or, with nothing left to start, until all have)
+
+The K samples of a prompt share its prefill. Samples start in (prompt, sample) order, so at most
+one prompt has some samples started and some waiting: its prefill is carried from one `_insert`
+to the next (`_Prefix`) rather than computed again.
+
+Randomness: answer k of prompt p draws its token t from `fold_in(generate.answer_key(key(seed), p,
+k), t)`, whatever slot it runs in and whenever it starts. `generate.generate(..., prompt_ids=...)`
+draws from the same keys, so the two give the same tokens up to float rounding between separately
+compiled programs (a token can differ only where two candidates' Gumbel-perturbed scores are within
+~1e-6 of each other).
+
+On GPU and TPU. Slots are rows of one batch: they are split over the data and fsdp mesh axes as
+the static path's rows are (`generate.decoding_layout`'s shardings: weights without fsdp, tensor
+sharding kept; cache rows over (data, fsdp), kv heads over tensor), so `slots` is rounded up to a
+multiple of the data × fsdp device count, and each device decodes `slots / (data × fsdp)` rows.
+The KV cache holds every slot's whole context, P + N (prompt bucket plus new-token bucket) slots:
+
+    slots × n_layers × 2 × n_kv_heads × (P + N) × head_dim × bytes of the compute dtype
+
+e.g. 7B (32 layers, 32 kv heads, head_dim 128, bfloat16) with P + N = 1024: 0.5 GiB per slot,
+64 slots 32 GiB, split over the batch devices (and over tensor by kv heads). Size the slots to what
+a device holds beside the weights: more slots give more rows per step, which is what a decoding
+step's time barely grows with until the matmuls become compute-bound (hundreds of rows on an
+H100 or a TPU v5 chip). The cache is written in place (the programs donate it); each step writes
+one slot per row with a scatter. A round trip to the host happens only when `refill_at` answers
+ended: raise it to amortise dispatch over more steps when slots are many and answers short.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+from jax.sharding import Mesh
+
+from llama2_jax import generate, sharding
+from llama2_jax.generate import PAD_ID, SamplingParams
+from llama2_jax.model import axes, llama
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """Answer `sample` to prompt `prompt` (its index in the prompts given): its new tokens (EOS
+    included when produced), their log-probs under the model (temperature 1, no filters, as
+    `generate.Generation.log_probs`), and whether it ended with EOS rather than at the token limit."""
+
+    prompt: int
+    sample: int
+    tokens: list[int]
+    log_probs: list[float]
+    finished: bool
+
+
+@struct.dataclass
+class _Slots:
+    """What the device keeps of every slot between programs; arrays are [slots] unless noted."""
+
+    cache: llama.KVCache  # with a per-row index
+    token: jax.Array  # the last token drawn, fed at the next step
+    prompt_length: jax.Array  # the prompt's real length: answer token t sits at position length + t
+    prompt: jax.Array  # the answer's (prompt, sample), which give its key
+    sample: jax.Array
+    step: jax.Array  # new tokens drawn so far
+    done: jax.Array  # the answer ended (or the slot holds none)
+    tokens: jax.Array  # [slots, N] the answer's new tokens, PAD_ID past `step`
+    log_probs: jax.Array  # [slots, N]
+
+
+@struct.dataclass
+class _Prefix:
+    """One prompt's prefill, carried to the next `_insert` while samples of it still wait for a slot:
+    its cache rows [0, P) per layer [1, kv_heads, P, head_dim], their segment ids [1, P] and the
+    logits of its last token [1, vocab]."""
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    segment_ids: jax.Array
+    logits: jax.Array
+
+
+def _constrain_slots(slots: _Slots) -> _Slots:
+    """Slots split over the batch axes, as the static path's rows."""
+    rows = lambda array: axes.constrain(array, (axes.BATCH,) + (None,) * (array.ndim - 1))  # noqa: E731
+    cache = generate._constrain_cache(slots.cache)
+    cache = cache.replace(segment_ids=rows(cache.segment_ids), index=rows(cache.index))
+    fields = {name: rows(getattr(slots, name)) for name in
+              ("token", "prompt_length", "prompt", "sample", "step", "done", "tokens", "log_probs")}
+    return slots.replace(cache=cache, **fields)
+
+
+def _empty(graphdef, state, slot_count: int, prompt_slots: int, new_slots: int) -> tuple[_Slots, _Prefix]:
+    model = nnx.merge(graphdef, state)
+    cache = model.init_cache(slot_count, prompt_slots + new_slots, per_row_index=True)
+    zeros = jnp.zeros((slot_count,), jnp.int32)
+    slots = _Slots(cache=cache, token=zeros, prompt_length=zeros, prompt=zeros, sample=zeros, step=zeros,
+                   done=jnp.ones((slot_count,), bool), tokens=jnp.full((slot_count, new_slots), PAD_ID, jnp.int32),
+                   log_probs=jnp.zeros((slot_count, new_slots), jnp.float32))
+    prefix_cache = model.init_cache(1, prompt_slots)
+    prefix = _Prefix(keys=prefix_cache.keys, values=prefix_cache.values, segment_ids=prefix_cache.segment_ids,
+                     logits=jnp.zeros((1, model.config.vocab_size), jnp.float32))
+    return _constrain_slots(slots), prefix
+
+
+def _insert(graphdef, state, slots: _Slots, carried: _Prefix, tokens, lengths, source, prompt, sample,
+            prompt_length, keep, seed_key, limit, *, sampling: SamplingParams, eos_id: int):
+    """Prefills the left-padded prompts `tokens` [M, P] and starts an answer in each slot whose
+    `source` is not -1: 0 takes the carried prefix, m > 0 the prefill of `tokens[m - 1]`.
+    `prompt`, `sample` and `prompt_length` [slots] give each started slot's answer; the prefix of
+    pool row `keep` is carried on."""
+    model = nnx.merge(graphdef, state)
+    count, prompt_slots = tokens.shape
+    padding = prompt_slots - lengths
+    columns = jnp.arange(prompt_slots)[None, :]
+    segment_ids = (columns >= padding[:, None]).astype(jnp.int32)
+    positions = jnp.maximum(columns - padding[:, None], 0)
+    prefill_cache = generate._constrain_cache(model.init_cache(count, prompt_slots))
+    logits, prefill_cache = model.prefill(tokens, positions, segment_ids, prefill_cache)
+
+    # The pool of prefixes: the carried one, then this call's.
+    pool = _Prefix(
+        keys=tuple(jnp.concatenate(pair) for pair in zip(carried.keys, prefill_cache.keys)),
+        values=tuple(jnp.concatenate(pair) for pair in zip(carried.values, prefill_cache.values)),
+        segment_ids=jnp.concatenate([carried.segment_ids, segment_ids]),
+        logits=jnp.concatenate([carried.logits, logits]),
+    )
+    slot_count = source.shape[0]
+    starts = source >= 0
+    pick = jnp.maximum(source, 0)
+    rows = jnp.where(starts, jnp.arange(slot_count), slot_count)  # out of range: the scatter drops it
+
+    def started(buffer, prefix):
+        return buffer.at[rows, :, :prompt_slots].set(prefix[pick].astype(buffer.dtype), mode="drop")
+
+    cache = slots.cache
+    cache_segments = jnp.zeros_like(cache.segment_ids).at[:, :prompt_slots].set(pool.segment_ids[pick])
+    cache = cache.replace(
+        keys=tuple(map(started, cache.keys, pool.keys)),
+        values=tuple(map(started, cache.values, pool.values)),
+        segment_ids=jnp.where(starts[:, None], cache_segments, cache.segment_ids),
+        index=jnp.where(starts, prompt_slots, cache.index),
+    )
+    keys = jax.vmap(generate.answer_key, (None, 0, 0))(seed_key, prompt, sample)
+    keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
+    with jax.named_scope("sampling"):
+        first, log_prob = generate.sample_tokens(pool.logits[pick], keys, sampling)
+    new_slots = slots.tokens.shape[1]
+    first_column = jnp.arange(new_slots)[None, :] == 0
+    slots = slots.replace(
+        cache=cache,
+        token=jnp.where(starts, first, slots.token),
+        prompt_length=jnp.where(starts, prompt_length, slots.prompt_length),
+        prompt=jnp.where(starts, prompt, slots.prompt),
+        sample=jnp.where(starts, sample, slots.sample),
+        step=jnp.where(starts, 1, slots.step),
+        done=jnp.where(starts, (first == eos_id) | (limit <= 1), slots.done),
+        tokens=jnp.where(starts[:, None], jnp.where(first_column, first[:, None], PAD_ID), slots.tokens),
+        log_probs=jnp.where(starts[:, None], jnp.where(first_column, log_prob[:, None], 0.0), slots.log_probs),
+    )
+    carried = jax.tree.map(lambda pooled: jax.lax.dynamic_slice_in_dim(pooled, keep, 1), pool)
+    return _constrain_slots(slots), carried
+
+
+def _decode(graphdef, state, slots: _Slots, seed_key, limit, refill_at, *, sampling: SamplingParams, eos_id: int):
+    """Decodes every slot until `refill_at` of them are done or all are: each live slot feeds its
+    last token and draws the next; a done slot's row is computed and thrown away."""
+    model = nnx.merge(graphdef, state)
+    slot_count, new_slots = slots.tokens.shape
+    answer_keys = jax.vmap(generate.answer_key, (None, 0, 0))(seed_key, slots.prompt, slots.sample)
+    all_rows = jnp.arange(slot_count)
+
+    def keep_going(slots):
+        ended = jnp.sum(slots.done.astype(jnp.int32))
+        return (ended < refill_at) & (ended < slot_count)
+
+    def one_token(slots):
+        positions = (slots.prompt_length + slots.step - 1)[:, None]
+        live = ~slots.done
+        logits, cache = model.decode(slots.token[:, None], positions, jnp.ones_like(positions), slots.cache)
+        keys = jax.vmap(jax.random.fold_in)(answer_keys, slots.step)
+        with jax.named_scope("sampling"):
+            token, log_prob = generate.sample_tokens(logits, keys, sampling)
+        column = jnp.where(live, slots.step, new_slots)  # a done slot's column is out of range: dropped
+        step = slots.step + live.astype(jnp.int32)
+        return slots.replace(
+            # A done slot stays at its index: its rows are rewritten when it starts its next answer.
+            cache=cache.replace(index=jnp.where(live, cache.index, slots.cache.index)),
+            token=jnp.where(live, token, slots.token),
+            step=step,
+            done=slots.done | (token == eos_id) | (step >= limit),
+            tokens=slots.tokens.at[all_rows, column].set(token, mode="drop"),
+            log_probs=slots.log_probs.at[all_rows, column].set(log_prob, mode="drop"),
+        )
+
+    return _constrain_slots(jax.lax.while_loop(keep_going, one_token, slots))
+
+
+_STATICS = ("sampling", "eos_id")
+_compiled_empty = jax.jit(_empty, static_argnums=(0, 2, 3, 4))
+_compiled_insert = jax.jit(_insert, static_argnums=(0,), static_argnames=_STATICS, donate_argnums=(2, 3))
+_compiled_decode = jax.jit(_decode, static_argnums=(0,), static_argnames=_STATICS, donate_argnums=(2,))
+
+
+# ---- the host loop -------------------------------------------------------------------------------
+
+
+def sample(
+    model: nnx.Module,
+    prompt_tokens: Sequence[Sequence[int]],
+    *,
+    samples: int,
+    max_new_tokens: int,
+    eos_id: int,
+    slots: int,
+    sampling: SamplingParams = SamplingParams(),
+    seed: int = 0,
+    refill_at: int = 1,
+    mesh: Mesh | None = None,
+    rules=sharding.DEFAULT_RULES,
+    decoding_state: tuple[nnx.GraphDef, nnx.State] | None = None,
+) -> list[Completion]:
+    """`samples` answers to every prompt (token ids), decoded `slots` at a time; the completions in
+    (prompt, sample) order: entry `p * samples + k` is answer k to prompt p.
+
+    Answer k to prompt p is the one `generate.generate(..., seed=seed, prompt_ids=[..., p, ...])`
+    gives (see the module docstring). Decoding returns to the host, to start waiting answers, once
+    `refill_at` slots have ended. New tokens are capped by the context as in `generate.generate`:
+    the longest prompt plus the new tokens never exceed `config.max_seq_len`. Pass `decoding_state`
+    (from `generate.decoding_layout`) to reuse one copy of the parameters across calls.
+    """
+    prompts = generate._check_prompts(prompt_tokens, model.config.vocab_size)
+    if samples < 1 or max_new_tokens < 1 or slots < 1 or refill_at < 1:
+        raise ValueError(f"samples, max_new_tokens, slots and refill_at must be >= 1, got {samples}, "
+                         f"{max_new_tokens}, {slots}, {refill_at}")
+    mesh = mesh or generate.model_mesh(model)
+    shards = generate._batch_shards(mesh, rules)
+    layout = generate._plan([len(prompt) for prompt in prompts], max_new_tokens, model.config.max_seq_len, shards)
+    slot_count = -(-slots // shards) * shards
+    graphdef, state = decoding_state or generate.decoding_layout(model, mesh, rules)
+    seed_key = jax.random.key(seed)
+    statics = dict(sampling=sampling, eos_id=int(eos_id))
+    limit = jnp.int32(layout.limit)
+    context = lambda: sharding.logical_context(mesh, sharding.generation_rules(rules))  # noqa: E731
+
+    waiting = collections.deque((prompt, k) for prompt in range(len(prompts)) for k in range(samples))
+    occupant: list[tuple[int, int] | None] = [None] * slot_count  # the (prompt, sample) each slot decodes
+    carried_prompt = None  # the prompt whose prefill `_Prefix` holds, while samples of it wait
+    results: list[Completion | None] = [None] * (len(prompts) * samples)
+    with context():
+        device_slots, carried = _compiled_empty(graphdef, state, slot_count, layout.prompt, layout.new)
+    while True:
+        if waiting and None in occupant:
+            with context():
+                device_slots, carried, carried_prompt = _start_waiting(
+                    graphdef, state, device_slots, carried, carried_prompt, prompts, waiting, occupant, layout,
+                    seed_key, limit, mesh, rules, shards, statics)
+        elif any(occupant):
+            stop = refill_at if waiting else slot_count
+            with context():
+                device_slots = _compiled_decode(graphdef, state, device_slots, seed_key, limit, jnp.int32(stop),
+                                                **statics)
+        else:
+            break
+        _collect(device_slots, occupant, results, samples, eos_id)
+    return results
+
+
+def _start_waiting(graphdef, state, device_slots, carried, carried_prompt, prompts, waiting, occupant, layout,
+                   seed_key, limit, mesh, rules, shards, statics):
+    """Starts the next waiting answers in the free slots, prefilling each prompt not prefilled yet."""
+    slot_count = len(occupant)
+    source = np.full(slot_count, -1, np.int32)
+    prompt_ids, sample_ids, prompt_lengths = (np.zeros(slot_count, np.int32) for _ in range(3))
+    new_prompts: list[int] = []
+    for slot in [slot for slot, held in enumerate(occupant) if held is None]:
+        if not waiting:
+            break
+        prompt, k = waiting.popleft()
+        if prompt != carried_prompt and prompt not in new_prompts:
+            new_prompts.append(prompt)
+        source[slot] = 0 if prompt == carried_prompt else 1 + new_prompts.index(prompt)
+        prompt_ids[slot], sample_ids[slot], prompt_lengths[slot] = prompt, k, len(prompts[prompt])
+        occupant[slot] = (prompt, k)
+    # At most one prompt has samples both started and waiting: the next one in line. Carry its prefill.
+    next_prompt = waiting[0][0] if waiting else None
+    keep = 1 + new_prompts.index(next_prompt) if next_prompt in new_prompts else 0
+    carried_prompt = next_prompt if next_prompt in new_prompts or next_prompt == carried_prompt else None
+    count = -(-generate.bucket(max(1, len(new_prompts)), 1) // shards) * shards
+    tokens = np.full((count, layout.prompt), PAD_ID, np.int32)
+    lengths = np.ones((count,), np.int32)  # padding rows hold one PAD token
+    for row, prompt in enumerate(new_prompts):
+        tokens[row, layout.prompt - len(prompts[prompt]):] = prompts[prompt]
+        lengths[row] = len(prompts[prompt])
+    tokens, lengths, source, prompt_ids, sample_ids, prompt_lengths = generate._place(
+        mesh, rules, tokens, lengths, source, prompt_ids, sample_ids, prompt_lengths)
+    device_slots, carried = _compiled_insert(graphdef, state, device_slots, carried, tokens, lengths, source,
+                                             prompt_ids, sample_ids, prompt_lengths, jnp.int32(keep), seed_key,
+                                             limit, **statics)
+    return device_slots, carried, carried_prompt
+
+
+def _collect(device_slots: _Slots, occupant, results, samples: int, eos_id: int) -> None:
+    """Moves every ended answer out of its slot into `results`, freeing the slot."""
+    done = generate.to_host(device_slots.done)
+    ended = [slot for slot, held in enumerate(occupant) if held is not None and done[slot]]
+    if not ended:
+        return
+    steps, tokens, log_probs = (generate.to_host(array) for array in
+                                (device_slots.step, device_slots.tokens, device_slots.log_probs))
+    for slot in ended:
+        prompt, k = occupant[slot]
+        answer = tokens[slot, :steps[slot]].tolist()
+        results[prompt * samples + k] = Completion(
+            prompt=prompt, sample=k, tokens=answer, log_probs=log_probs[slot, :steps[slot]].tolist(),
+            finished=bool(answer) and answer[-1] == eos_id)
+        occupant[slot] = None
