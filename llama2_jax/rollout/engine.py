@@ -121,12 +121,13 @@ def _empty(graphdef, state, slot_count: int, prompt_slots: int, new_slots: int) 
     return _constrain_slots(slots), prefix
 
 
-def _insert(graphdef, state, slots: _Slots, carried: _Prefix, tokens, lengths, source, prompt, sample,
+def _insert(graphdef, state, slots: _Slots, carried: _Prefix, tokens, lengths, started, source, prompt, sample,
             prompt_length, keep, seed_key, limit, *, sampling: SamplingParams, eos_id: int):
-    """Prefills the left-padded prompts `tokens` [M, P] and starts an answer in each slot whose
-    `source` is not -1: 0 takes the carried prefix, m > 0 the prefill of `tokens[m - 1]`.
-    `prompt`, `sample` and `prompt_length` [slots] give each started slot's answer; the prefix of
-    pool row `keep` is carried on."""
+    """Prefills the left-padded prompts `tokens` [M, P] and starts an answer in each slot of
+    `started` [R] (entries equal to the slot count are padding, dropped): its cache rows [0, P) come
+    from `source` [R], 0 for the carried prefix and m > 0 for the prefill of `tokens[m - 1]`, and
+    `prompt`, `sample`, `prompt_length` [R] name its answer. The prefix of pool row `keep` is
+    carried on. Only the started rows are read and written: the rest of the cache stays in place."""
     model = nnx.merge(graphdef, state)
     count, prompt_slots = tokens.shape
     padding = prompt_slots - lengths
@@ -143,38 +144,33 @@ def _insert(graphdef, state, slots: _Slots, carried: _Prefix, tokens, lengths, s
         segment_ids=jnp.concatenate([carried.segment_ids, segment_ids]),
         logits=jnp.concatenate([carried.logits, logits]),
     )
-    slot_count = source.shape[0]
-    starts = source >= 0
-    pick = jnp.maximum(source, 0)
-    rows = jnp.where(starts, jnp.arange(slot_count), slot_count)  # out of range: the scatter drops it
-
-    def started(buffer, prefix):
-        return buffer.at[rows, :, :prompt_slots].set(prefix[pick].astype(buffer.dtype), mode="drop")
-
-    cache = slots.cache
-    cache_segments = jnp.zeros_like(cache.segment_ids).at[:, :prompt_slots].set(pool.segment_ids[pick])
-    cache = cache.replace(
-        keys=tuple(map(started, cache.keys, pool.keys)),
-        values=tuple(map(started, cache.values, pool.values)),
-        segment_ids=jnp.where(starts[:, None], cache_segments, cache.segment_ids),
-        index=jnp.where(starts, prompt_slots, cache.index),
-    )
+    new_slots = slots.tokens.shape[1]
     keys = jax.vmap(generate.answer_key, (None, 0, 0))(seed_key, prompt, sample)
     keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
     with jax.named_scope("sampling"):
-        first, log_prob = generate.sample_tokens(pool.logits[pick], keys, sampling)
-    new_slots = slots.tokens.shape[1]
+        first, log_prob = generate.sample_tokens(pool.logits[source], keys, sampling)
     first_column = jnp.arange(new_slots)[None, :] == 0
+    put = lambda buffer, rows: buffer.at[started].set(rows.astype(buffer.dtype), mode="drop")  # noqa: E731
+    put_prefix = lambda buffer, prefix: buffer.at[started, :, :prompt_slots].set(  # noqa: E731
+        prefix[source].astype(buffer.dtype), mode="drop")
+    cache = slots.cache
+    answer_segments = jnp.zeros((source.shape[0], new_slots), jnp.int32)
+    cache = cache.replace(
+        keys=tuple(map(put_prefix, cache.keys, pool.keys)),
+        values=tuple(map(put_prefix, cache.values, pool.values)),
+        segment_ids=put(cache.segment_ids, jnp.concatenate([pool.segment_ids[source], answer_segments], axis=1)),
+        index=put(cache.index, jnp.full(source.shape, prompt_slots)),
+    )
     slots = slots.replace(
         cache=cache,
-        token=jnp.where(starts, first, slots.token),
-        prompt_length=jnp.where(starts, prompt_length, slots.prompt_length),
-        prompt=jnp.where(starts, prompt, slots.prompt),
-        sample=jnp.where(starts, sample, slots.sample),
-        step=jnp.where(starts, 1, slots.step),
-        done=jnp.where(starts, (first == eos_id) | (limit <= 1), slots.done),
-        tokens=jnp.where(starts[:, None], jnp.where(first_column, first[:, None], PAD_ID), slots.tokens),
-        log_probs=jnp.where(starts[:, None], jnp.where(first_column, log_prob[:, None], 0.0), slots.log_probs),
+        token=put(slots.token, first),
+        prompt_length=put(slots.prompt_length, prompt_length),
+        prompt=put(slots.prompt, prompt),
+        sample=put(slots.sample, sample),
+        step=put(slots.step, jnp.ones_like(first)),
+        done=put(slots.done, (first == eos_id) | (limit <= 1)),
+        tokens=put(slots.tokens, jnp.where(first_column, first[:, None], PAD_ID)),
+        log_probs=put(slots.log_probs, jnp.where(first_column, log_prob[:, None], 0.0)),
     )
     carried = jax.tree.map(lambda pooled: jax.lax.dynamic_slice_in_dim(pooled, keep, 1), pool)
     return _constrain_slots(slots), carried
@@ -288,33 +284,35 @@ def _start_waiting(graphdef, state, device_slots, carried, carried_prompt, promp
                    seed_key, limit, mesh, rules, shards, statics):
     """Starts the next waiting answers in the free slots, prefilling each prompt not prefilled yet."""
     slot_count = len(occupant)
-    source = np.full(slot_count, -1, np.int32)
-    prompt_ids, sample_ids, prompt_lengths = (np.zeros(slot_count, np.int32) for _ in range(3))
+    free = [slot for slot, held in enumerate(occupant) if held is None]
+    started: list[tuple[int, int, int, int, int]] = []  # (slot, source, prompt, sample, prompt length)
     new_prompts: list[int] = []
-    for slot in [slot for slot, held in enumerate(occupant) if held is None]:
-        if not waiting:
-            break
+    for slot in free[:len(waiting)]:
         prompt, k = waiting.popleft()
         if prompt != carried_prompt and prompt not in new_prompts:
             new_prompts.append(prompt)
-        source[slot] = 0 if prompt == carried_prompt else 1 + new_prompts.index(prompt)
-        prompt_ids[slot], sample_ids[slot], prompt_lengths[slot] = prompt, k, len(prompts[prompt])
+        source = 0 if prompt == carried_prompt else 1 + new_prompts.index(prompt)
+        started.append((slot, source, prompt, k, len(prompts[prompt])))
         occupant[slot] = (prompt, k)
     # At most one prompt has samples both started and waiting: the next one in line. Carry its prefill.
     next_prompt = waiting[0][0] if waiting else None
     keep = 1 + new_prompts.index(next_prompt) if next_prompt in new_prompts else 0
     carried_prompt = next_prompt if next_prompt in new_prompts or next_prompt == carried_prompt else None
+    # Both counts padded to powers of two: a few compiled programs serve every refill.
     count = -(-generate.bucket(max(1, len(new_prompts)), 1) // shards) * shards
     tokens = np.full((count, layout.prompt), PAD_ID, np.int32)
     lengths = np.ones((count,), np.int32)  # padding rows hold one PAD token
     for row, prompt in enumerate(new_prompts):
         tokens[row, layout.prompt - len(prompts[prompt]):] = prompts[prompt]
         lengths[row] = len(prompts[prompt])
-    tokens, lengths, source, prompt_ids, sample_ids, prompt_lengths = generate._place(
-        mesh, rules, tokens, lengths, source, prompt_ids, sample_ids, prompt_lengths)
-    device_slots, carried = _compiled_insert(graphdef, state, device_slots, carried, tokens, lengths, source,
-                                             prompt_ids, sample_ids, prompt_lengths, jnp.int32(keep), seed_key,
-                                             limit, **statics)
+    rows = np.zeros((generate.bucket(len(started), 1), 5), np.int32)
+    rows[:, 0] = slot_count  # padding entries name no slot: their writes are dropped
+    rows[:len(started)] = started
+    tokens, lengths = generate._place(mesh, rules, tokens, lengths)
+    slot_ids, source, prompt_ids, sample_ids, prompt_lengths = rows.T
+    device_slots, carried = _compiled_insert(graphdef, state, device_slots, carried, tokens, lengths, slot_ids,
+                                             source, prompt_ids, sample_ids, prompt_lengths, np.int32(keep),
+                                             seed_key, limit, **statics)
     return device_slots, carried, carried_prompt
 
 
