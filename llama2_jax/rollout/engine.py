@@ -123,27 +123,15 @@ def _empty(graphdef, state, slot_count: int, prompt_slots: int, new_slots: int) 
 
 def _insert(graphdef, state, slots: _Slots, carried: _Prefix, tokens, lengths, started, source, prompt, sample,
             prompt_length, keep, seed_key, limit, *, sampling: SamplingParams, eos_id: int):
-    """Prefills the left-padded prompts `tokens` [M, P] and starts an answer in each slot of
+    """Prefills the left-padded prompts `tokens` [M, P'] (P' <= P: the bucket of the longest; None
+    when every started answer's prompt is the carried one) and starts an answer in each slot of
     `started` [R] (entries equal to the slot count are padding, dropped): its cache rows [0, P) come
     from `source` [R], 0 for the carried prefix and m > 0 for the prefill of `tokens[m - 1]`, and
     `prompt`, `sample`, `prompt_length` [R] name its answer. The prefix of pool row `keep` is
     carried on. Only the started rows are read and written: the rest of the cache stays in place."""
     model = nnx.merge(graphdef, state)
-    count, prompt_slots = tokens.shape
-    padding = prompt_slots - lengths
-    columns = jnp.arange(prompt_slots)[None, :]
-    segment_ids = (columns >= padding[:, None]).astype(jnp.int32)
-    positions = jnp.maximum(columns - padding[:, None], 0)
-    prefill_cache = generate._constrain_cache(model.init_cache(count, prompt_slots))
-    logits, prefill_cache = model.prefill(tokens, positions, segment_ids, prefill_cache)
-
-    # The pool of prefixes: the carried one, then this call's.
-    pool = _Prefix(
-        keys=tuple(jnp.concatenate(pair) for pair in zip(carried.keys, prefill_cache.keys)),
-        values=tuple(jnp.concatenate(pair) for pair in zip(carried.values, prefill_cache.values)),
-        segment_ids=jnp.concatenate([carried.segment_ids, segment_ids]),
-        logits=jnp.concatenate([carried.logits, logits]),
-    )
+    prompt_slots = carried.segment_ids.shape[1]
+    pool = carried if tokens is None else _pool(model, carried, tokens, lengths)
     new_slots = slots.tokens.shape[1]
     keys = jax.vmap(generate.answer_key, (None, 0, 0))(seed_key, prompt, sample)
     keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
@@ -174,6 +162,25 @@ def _insert(graphdef, state, slots: _Slots, carried: _Prefix, tokens, lengths, s
     )
     carried = jax.tree.map(lambda pooled: jax.lax.dynamic_slice_in_dim(pooled, keep, 1), pool)
     return _constrain_slots(slots), carried
+
+
+def _pool(model, carried: _Prefix, tokens, lengths) -> _Prefix:
+    """The carried prefix, then the prefill of each of `tokens`, left-padded from P' to P slots."""
+    count, length = tokens.shape
+    padding = length - lengths
+    columns = jnp.arange(length)[None, :]
+    segment_ids = (columns >= padding[:, None]).astype(jnp.int32)
+    positions = jnp.maximum(columns - padding[:, None], 0)
+    cache = generate._constrain_cache(model.init_cache(count, length))
+    logits, cache = model.prefill(tokens, positions, segment_ids, cache)
+    extra = carried.segment_ids.shape[1] - length  # empty slots before the prompt, segment id 0
+    pad = lambda prefix: jnp.pad(prefix, ((0, 0), (0, 0), (extra, 0), (0, 0)))  # noqa: E731
+    return _Prefix(
+        keys=tuple(jnp.concatenate([old, pad(new)]) for old, new in zip(carried.keys, cache.keys)),
+        values=tuple(jnp.concatenate([old, pad(new)]) for old, new in zip(carried.values, cache.values)),
+        segment_ids=jnp.concatenate([carried.segment_ids, jnp.pad(segment_ids, ((0, 0), (extra, 0)))]),
+        logits=jnp.concatenate([carried.logits, logits]),
+    )
 
 
 def _decode(graphdef, state, slots: _Slots, seed_key, limit, refill_at, *, sampling: SamplingParams, eos_id: int):
@@ -298,17 +305,21 @@ def _start_waiting(graphdef, state, device_slots, carried, carried_prompt, promp
     next_prompt = waiting[0][0] if waiting else None
     keep = 1 + new_prompts.index(next_prompt) if next_prompt in new_prompts else 0
     carried_prompt = next_prompt if next_prompt in new_prompts or next_prompt == carried_prompt else None
-    # Both counts padded to powers of two: a few compiled programs serve every refill.
-    count = -(-generate.bucket(max(1, len(new_prompts)), 1) // shards) * shards
-    tokens = np.full((count, layout.prompt), PAD_ID, np.int32)
-    lengths = np.ones((count,), np.int32)  # padding rows hold one PAD token
-    for row, prompt in enumerate(new_prompts):
-        tokens[row, layout.prompt - len(prompts[prompt]):] = prompts[prompt]
-        lengths[row] = len(prompts[prompt])
+    # The counts and the prompts' length padded to powers of two: a few compiled programs serve every refill.
+    tokens = lengths = None
+    if new_prompts:
+        count = -(-generate.bucket(len(new_prompts), 1) // shards) * shards
+        longest = max(len(prompts[prompt]) for prompt in new_prompts)
+        width = min(generate.bucket(longest, generate.MIN_PROMPT_BUCKET), layout.prompt)
+        tokens = np.full((count, width), PAD_ID, np.int32)
+        lengths = np.ones((count,), np.int32)  # padding rows hold one PAD token
+        for row, prompt in enumerate(new_prompts):
+            tokens[row, width - len(prompts[prompt]):] = prompts[prompt]
+            lengths[row] = len(prompts[prompt])
+        tokens, lengths = generate._place(mesh, rules, tokens, lengths)
     rows = np.zeros((generate.bucket(len(started), 1), 5), np.int32)
     rows[:, 0] = slot_count  # padding entries name no slot: their writes are dropped
     rows[:len(started)] = started
-    tokens, lengths = generate._place(mesh, rules, tokens, lengths)
     slot_ids, source, prompt_ids, sample_ids, prompt_lengths = rows.T
     device_slots, carried = _compiled_insert(graphdef, state, device_slots, carried, tokens, lengths, slot_ids,
                                              source, prompt_ids, sample_ids, prompt_lengths, np.int32(keep),
