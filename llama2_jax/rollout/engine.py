@@ -87,10 +87,10 @@ class _Slots:
 
 
 @struct.dataclass
-class _Prefix:
-    """One prompt's prefill, carried to the next `_insert` while samples of it still wait for a slot:
-    its cache rows [0, P) per layer [1, kv_heads, P, head_dim], their segment ids [1, P] and the
-    logits of its last token [1, vocab]."""
+class _Prefixes:
+    """Prompts prefilled ahead of their answers, one per row, until every sample of the prompt has
+    started: cache rows [0, P) per layer [rows, kv_heads, P, head_dim], their segment ids [rows, P]
+    and the logits of each prompt's last token [rows, vocab]."""
 
     keys: tuple[jax.Array, ...]
     values: tuple[jax.Array, ...]
@@ -108,30 +108,32 @@ def _constrain_slots(slots: _Slots) -> _Slots:
     return slots.replace(cache=cache, **fields)
 
 
-def _empty(graphdef, state, slot_count: int, prompt_slots: int, new_slots: int) -> tuple[_Slots, _Prefix]:
+def _empty(graphdef, state, slot_count: int, prompt_slots: int, new_slots: int,
+           prefix_count: int) -> tuple[_Slots, _Prefixes]:
     model = nnx.merge(graphdef, state)
     cache = model.init_cache(slot_count, prompt_slots + new_slots, per_row_index=True)
     zeros = jnp.zeros((slot_count,), jnp.int32)
     slots = _Slots(cache=cache, token=zeros, prompt_length=zeros, prompt=zeros, sample=zeros, step=zeros,
                    done=jnp.ones((slot_count,), bool), tokens=jnp.full((slot_count, new_slots), PAD_ID, jnp.int32),
                    log_probs=jnp.zeros((slot_count, new_slots), jnp.float32))
-    prefix_cache = model.init_cache(1, prompt_slots)
-    prefix = _Prefix(keys=prefix_cache.keys, values=prefix_cache.values, segment_ids=prefix_cache.segment_ids,
-                     logits=jnp.zeros((1, model.config.vocab_size), jnp.float32))
-    return _constrain_slots(slots), prefix
+    prefix_cache = model.init_cache(prefix_count, prompt_slots)
+    prefixes = _Prefixes(keys=prefix_cache.keys, values=prefix_cache.values, segment_ids=prefix_cache.segment_ids,
+                         logits=jnp.zeros((prefix_count, model.config.vocab_size), jnp.float32))
+    return _constrain_slots(slots), prefixes
 
 
-def _insert(graphdef, state, slots: _Slots, carried: _Prefix, tokens, lengths, started, source, prompt, sample,
-            prompt_length, keep, seed_key, limit, *, sampling: SamplingParams, eos_id: int):
-    """Prefills the left-padded prompts `tokens` [M, P'] (P' <= P: the bucket of the longest; None
-    when every started answer's prompt is the carried one) and starts an answer in each slot of
-    `started` [R] (entries equal to the slot count are padding, dropped): its cache rows [0, P) come
-    from `source` [R], 0 for the carried prefix and m > 0 for the prefill of `tokens[m - 1]`, and
-    `prompt`, `sample`, `prompt_length` [R] name its answer. The prefix of pool row `keep` is
-    carried on. Only the started rows are read and written: the rest of the cache stays in place."""
+def _insert(graphdef, state, slots: _Slots, prefixes: _Prefixes, tokens, lengths, rows, started, source, prompt,
+            sample, prompt_length, seed_key, limit, *, sampling: SamplingParams, eos_id: int):
+    """Prefills the left-padded prompts `tokens` [M, P'] (P' <= P, the bucket of the longest; None
+    for no prefill) into prefix rows `rows` [M], then starts an answer in each slot of `started`
+    [R] from prefix row `source` [R]: `prompt`, `sample`, `prompt_length` [R] name its answer.
+    Entries past the end of the prefixes or the slots are padding: their writes are dropped. Only
+    the started slots' rows are read and written; the rest of the cache stays in place."""
     model = nnx.merge(graphdef, state)
-    prompt_slots = carried.segment_ids.shape[1]
-    pool = carried if tokens is None else _pool(model, carried, tokens, lengths)
+    prompt_slots = prefixes.segment_ids.shape[1]
+    if tokens is not None:
+        prefixes = _prefill(model, prefixes, tokens, lengths, rows)
+    pool = prefixes
     new_slots = slots.tokens.shape[1]
     keys = jax.vmap(generate.answer_key, (None, 0, 0))(seed_key, prompt, sample)
     keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
@@ -160,12 +162,11 @@ def _insert(graphdef, state, slots: _Slots, carried: _Prefix, tokens, lengths, s
         tokens=put(slots.tokens, jnp.where(first_column, first[:, None], PAD_ID)),
         log_probs=put(slots.log_probs, jnp.where(first_column, log_prob[:, None], 0.0)),
     )
-    carried = jax.tree.map(lambda pooled: jax.lax.dynamic_slice_in_dim(pooled, keep, 1), pool)
-    return _constrain_slots(slots), carried
+    return _constrain_slots(slots), prefixes
 
 
-def _pool(model, carried: _Prefix, tokens, lengths) -> _Prefix:
-    """The carried prefix, then the prefill of each of `tokens`, left-padded from P' to P slots."""
+def _prefill(model, prefixes: _Prefixes, tokens, lengths, rows) -> _Prefixes:
+    """`prefixes` with the prefill of each of `tokens` in row `rows[m]`, left-padded from P' to P slots."""
     count, length = tokens.shape
     padding = length - lengths
     columns = jnp.arange(length)[None, :]
@@ -173,13 +174,14 @@ def _pool(model, carried: _Prefix, tokens, lengths) -> _Prefix:
     positions = jnp.maximum(columns - padding[:, None], 0)
     cache = generate._constrain_cache(model.init_cache(count, length))
     logits, cache = model.prefill(tokens, positions, segment_ids, cache)
-    extra = carried.segment_ids.shape[1] - length  # empty slots before the prompt, segment id 0
+    extra = prefixes.segment_ids.shape[1] - length  # empty slots before the prompt, segment id 0
+    put = lambda buffer, new: buffer.at[rows].set(new.astype(buffer.dtype), mode="drop")  # noqa: E731
     pad = lambda prefix: jnp.pad(prefix, ((0, 0), (0, 0), (extra, 0), (0, 0)))  # noqa: E731
-    return _Prefix(
-        keys=tuple(jnp.concatenate([old, pad(new)]) for old, new in zip(carried.keys, cache.keys)),
-        values=tuple(jnp.concatenate([old, pad(new)]) for old, new in zip(carried.values, cache.values)),
-        segment_ids=jnp.concatenate([carried.segment_ids, jnp.pad(segment_ids, ((0, 0), (extra, 0)))]),
-        logits=jnp.concatenate([carried.logits, logits]),
+    return _Prefixes(
+        keys=tuple(put(old, pad(new)) for old, new in zip(prefixes.keys, cache.keys)),
+        values=tuple(put(old, pad(new)) for old, new in zip(prefixes.values, cache.values)),
+        segment_ids=put(prefixes.segment_ids, jnp.pad(segment_ids, ((0, 0), (extra, 0)))),
+        logits=put(prefixes.logits, logits),
     )
 
 
@@ -218,12 +220,15 @@ def _decode(graphdef, state, slots: _Slots, seed_key, limit, refill_at, *, sampl
 
 
 _STATICS = ("sampling", "eos_id")
-_compiled_empty = jax.jit(_empty, static_argnums=(0, 2, 3, 4))
+_compiled_empty = jax.jit(_empty, static_argnums=(0, 2, 3, 4, 5))
 _compiled_insert = jax.jit(_insert, static_argnums=(0,), static_argnames=_STATICS, donate_argnums=(2, 3))
 _compiled_decode = jax.jit(_decode, static_argnums=(0,), static_argnames=_STATICS, donate_argnums=(2,))
 
 
 # ---- the host loop -------------------------------------------------------------------------------
+
+# The most prompts prefilled ahead of their answers: their prefixes take MAX_PREFIXES × P cache slots.
+MAX_PREFIXES = 32
 
 
 def sample(
@@ -266,16 +271,18 @@ def sample(
 
     waiting = collections.deque((prompt, k) for prompt in range(len(prompts)) for k in range(samples))
     occupant: list[tuple[int, int] | None] = [None] * slot_count  # the (prompt, sample) each slot decodes
-    carried_prompt = None  # the prompt whose prefill `_Prefix` holds, while samples of it wait
+    # Room for the prompts of one full refill (every slot at once) and one more: prefills come in batches.
+    prefilled = _Prefilled(min(generate.bucket(-(-slot_count // samples) + 1, 2), MAX_PREFIXES), samples)
     results: list[Completion | None] = [None] * (len(prompts) * samples)
     with context():
-        device_slots, carried = _compiled_empty(graphdef, state, slot_count, layout.prompt, layout.new)
+        device_slots, prefixes = _compiled_empty(graphdef, state, slot_count, layout.prompt, layout.new,
+                                                 prefilled.capacity)
     while True:
         if waiting and None in occupant:
             with context():
-                device_slots, carried, carried_prompt = _start_waiting(
-                    graphdef, state, device_slots, carried, carried_prompt, prompts, waiting, occupant, layout,
-                    seed_key, limit, mesh, rules, shards, statics)
+                device_slots, prefixes = _start_waiting(graphdef, state, device_slots, prefixes, prefilled, prompts,
+                                                        waiting, occupant, layout, seed_key, limit, mesh, rules,
+                                                        shards, statics)
         elif any(occupant):
             stop = refill_at if waiting else slot_count
             with context():
@@ -287,44 +294,71 @@ def sample(
     return results
 
 
-def _start_waiting(graphdef, state, device_slots, carried, carried_prompt, prompts, waiting, occupant, layout,
-                   seed_key, limit, mesh, rules, shards, statics):
-    """Starts the next waiting answers in the free slots, prefilling each prompt not prefilled yet."""
+class _Prefilled:
+    """Which prompt each row of `_Prefixes` holds, and how many of its samples have not started."""
+
+    def __init__(self, capacity: int, samples: int):
+        self.capacity, self.samples = capacity, samples
+        self.row: dict[int, int] = {}
+        self.unstarted: dict[int, int] = {}
+
+    def free_rows(self, excluded: set[int]) -> list[int]:
+        taken = set(self.row.values()) | excluded
+        return [row for row in range(self.capacity) if row not in taken]
+
+    def add(self, prompt: int, row: int) -> None:
+        self.row[prompt], self.unstarted[prompt] = row, self.samples
+
+    def start(self, prompt: int) -> int:
+        """The row of `prompt`'s prefix, for one more of its samples; the row is free once all have started."""
+        row = self.row[prompt]
+        self.unstarted[prompt] -= 1
+        if not self.unstarted[prompt]:
+            del self.row[prompt], self.unstarted[prompt]
+        return row
+
+
+def _start_waiting(graphdef, state, device_slots, prefixes, prefilled: _Prefilled, prompts, waiting, occupant,
+                   layout, seed_key, limit, mesh, rules, shards, statics):
+    """Starts the next waiting answers in the free slots. When the next one's prompt is not prefilled,
+    the next prompts in line are, as many as there are free prefix rows, in the same program."""
     slot_count = len(occupant)
-    free = [slot for slot, held in enumerate(occupant) if held is None]
-    started: list[tuple[int, int, int, int, int]] = []  # (slot, source, prompt, sample, prompt length)
-    new_prompts: list[int] = []
-    for slot in free[:len(waiting)]:
-        prompt, k = waiting.popleft()
-        if prompt != carried_prompt and prompt not in new_prompts:
-            new_prompts.append(prompt)
-        source = 0 if prompt == carried_prompt else 1 + new_prompts.index(prompt)
-        started.append((slot, source, prompt, k, len(prompts[prompt])))
+    started: list[tuple[int, int, int, int, int]] = []  # (slot, prefix row, prompt, sample, prompt length)
+    to_prefill: list[tuple[int, int]] = []  # (prompt, prefix row)
+    for slot in [slot for slot, held in enumerate(occupant) if held is None]:
+        if not waiting:
+            break
+        prompt, k = waiting[0]
+        if prompt not in prefilled.row:
+            # The prefill runs before this program's starts: it must not overwrite a row they read.
+            free = prefilled.free_rows({row for _, row, *_ in started})
+            if to_prefill or not free:
+                break
+            to_prefill = list(zip(range(prompt, min(prompt + len(free), len(prompts))), free))
+            for pair in to_prefill:
+                prefilled.add(*pair)
+        waiting.popleft()
+        started.append((slot, prefilled.start(prompt), prompt, k, len(prompts[prompt])))
         occupant[slot] = (prompt, k)
-    # At most one prompt has samples both started and waiting: the next one in line. Carry its prefill.
-    next_prompt = waiting[0][0] if waiting else None
-    keep = 1 + new_prompts.index(next_prompt) if next_prompt in new_prompts else 0
-    carried_prompt = next_prompt if next_prompt in new_prompts or next_prompt == carried_prompt else None
-    # The counts and the prompts' length padded to powers of two: a few compiled programs serve every refill.
-    tokens = lengths = None
-    if new_prompts:
-        count = -(-generate.bucket(len(new_prompts), 1) // shards) * shards
-        longest = max(len(prompts[prompt]) for prompt in new_prompts)
+    # Counts and the prompts' length padded to powers of two: a few compiled programs serve every refill.
+    tokens = lengths = rows = None
+    if to_prefill:
+        count = -(-generate.bucket(len(to_prefill), 1) // shards) * shards
+        longest = max(len(prompts[prompt]) for prompt, _ in to_prefill)
         width = min(generate.bucket(longest, generate.MIN_PROMPT_BUCKET), layout.prompt)
         tokens = np.full((count, width), PAD_ID, np.int32)
         lengths = np.ones((count,), np.int32)  # padding rows hold one PAD token
-        for row, prompt in enumerate(new_prompts):
-            tokens[row, width - len(prompts[prompt]):] = prompts[prompt]
-            lengths[row] = len(prompts[prompt])
-        tokens, lengths = generate._place(mesh, rules, tokens, lengths)
-    rows = np.zeros((generate.bucket(len(started), 1), 5), np.int32)
-    rows[:, 0] = slot_count  # padding entries name no slot: their writes are dropped
-    rows[:len(started)] = started
-    slot_ids, source, prompt_ids, sample_ids, prompt_lengths = rows.T
-    device_slots, carried = _compiled_insert(graphdef, state, device_slots, carried, tokens, lengths, slot_ids,
-                                             source, prompt_ids, sample_ids, prompt_lengths, np.int32(keep),
-                                             seed_key, limit, **statics)
-    return device_slots, carried, carried_prompt
+        rows = np.full((count,), prefilled.capacity, np.int32)  # padding rows are written nowhere
+        for index, (prompt, row) in enumerate(to_prefill):
+            tokens[index, width - len(prompts[prompt]):] = prompts[prompt]
+            lengths[index], rows[index] = len(prompts[prompt]), row
+        tokens, lengths, rows = generate._place(mesh, rules, tokens, lengths, rows)
+    entries = np.zeros((generate.bucket(len(started), 1), 5), np.int32)
+    entries[:, 0] = slot_count  # padding entries name no slot: their writes are dropped
+    entries[:len(started)] = started
+    slot_ids, source, prompt_ids, sample_ids, prompt_lengths = entries.T
+    return _compiled_insert(graphdef, state, device_slots, prefixes, tokens, lengths, rows, slot_ids, source,
+                            prompt_ids, sample_ids, prompt_lengths, seed_key, limit, **statics)
 
 
 def _collect(device_slots: _Slots, occupant, results, samples: int, eos_id: int) -> None:
