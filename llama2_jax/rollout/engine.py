@@ -8,15 +8,17 @@ slot (a row of the KV cache) has its own cache index, position and attention mas
 (`llama.KVCache` with a per-row `index`), so slots can be at any point of different answers. The
 host decides what goes where; the device runs two programs, each compiled once per bucket:
 
-    _insert   prefills the prompts that start now (left-padded to the prompt bucket P, once per
-              prompt whatever its number of samples), writes each started slot's cache rows
-              [0, P) from its prompt's prefill and draws the answer's first token
+    _insert   when the next answer's prompt is not prefilled yet, prefills the next prompts in
+              line together (left-padded to their own bucket) into the prefix rows that are
+              free; then writes each starting slot's cache rows [0, P) from its prompt's prefix
+              and draws the answer's first token
     _decode   decodes every slot, one token per step inside a `jax.lax.while_loop`, until
               `refill_at` slots have ended (or, with nothing left to start, until all have)
 
-The K samples of a prompt share its prefill. Samples start in (prompt, sample) order, so at most
-one prompt has some samples started and some waiting: its prefill is carried from one `_insert`
-to the next (`_Prefix`) rather than computed again.
+The K samples of a prompt share one prefill: a prompt's prefix (`_Prefixes`, one row per prompt)
+stays on the device until all its samples have started. Samples start in (prompt, sample) order.
+P, the prompt area every slot has, is the longest prompt rounded up to a multiple of PROMPT_STEP;
+N, the answer area, is the static path's bucket of `max_new_tokens`.
 
 Randomness: answer k of prompt p draws its token t from `fold_in(generate.answer_key(key(seed), p,
 k), t)`, whatever slot it runs in and whenever it starts. `generate.generate(..., prompt_ids=...)`
@@ -28,12 +30,14 @@ On GPU and TPU. Slots are rows of one batch: they are split over the data and fs
 the static path's rows are (`generate.decoding_layout`'s shardings: weights without fsdp, tensor
 sharding kept; cache rows over (data, fsdp), kv heads over tensor), so `slots` is rounded up to a
 multiple of the data × fsdp device count, and each device decodes `slots / (data × fsdp)` rows.
-The KV cache holds every slot's whole context, P + N (prompt bucket plus new-token bucket) slots:
+The KV cache holds every slot's whole context, P + N cache slots:
 
     slots × n_layers × 2 × n_kv_heads × (P + N) × head_dim × bytes of the compute dtype
 
 e.g. 7B (32 layers, 32 kv heads, head_dim 128, bfloat16) with P + N = 1024: 0.5 GiB per slot,
-64 slots 32 GiB, split over the batch devices (and over tensor by kv heads). Size the slots to what
+64 slots 32 GiB, split over the batch devices (and over tensor by kv heads). The prefixes add
+R × n_layers × 2 × n_kv_heads × P × head_dim × bytes, R = the power of two at or above
+slots / K + 1 (at most MAX_PREFIXES, a multiple of the batch devices), split the same way. Size the slots to what
 a device holds beside the weights: more slots give more rows per step, which is what a decoding
 step's time barely grows with until the matmuls become compute-bound (hundreds of rows on an
 H100 or a TPU v5 chip). The cache is written in place (the programs donate it); each step writes
@@ -108,6 +112,15 @@ def _constrain_slots(slots: _Slots) -> _Slots:
     return slots.replace(cache=cache, **fields)
 
 
+def _constrain_prefixes(prefixes: _Prefixes) -> _Prefixes:
+    """Prefix rows split over the batch axes, as the slots' cache rows."""
+    kv_names = (axes.BATCH, axes.ACT_KV_HEADS, axes.LENGTH, None)
+    constrain = lambda buffers: tuple(axes.constrain(buffer, kv_names) for buffer in buffers)  # noqa: E731
+    return prefixes.replace(keys=constrain(prefixes.keys), values=constrain(prefixes.values),
+                            segment_ids=axes.constrain(prefixes.segment_ids, (axes.BATCH, None)),
+                            logits=axes.constrain(prefixes.logits, (axes.BATCH, None)))
+
+
 def _empty(graphdef, state, slot_count: int, prompt_slots: int, new_slots: int,
            prefix_count: int) -> tuple[_Slots, _Prefixes]:
     model = nnx.merge(graphdef, state)
@@ -119,7 +132,7 @@ def _empty(graphdef, state, slot_count: int, prompt_slots: int, new_slots: int,
     prefix_cache = model.init_cache(prefix_count, prompt_slots)
     prefixes = _Prefixes(keys=prefix_cache.keys, values=prefix_cache.values, segment_ids=prefix_cache.segment_ids,
                          logits=jnp.zeros((prefix_count, model.config.vocab_size), jnp.float32))
-    return _constrain_slots(slots), prefixes
+    return _constrain_slots(slots), _constrain_prefixes(prefixes)
 
 
 def _insert(graphdef, state, slots: _Slots, prefixes: _Prefixes, tokens, lengths, rows, started, source, prompt,
@@ -132,7 +145,7 @@ def _insert(graphdef, state, slots: _Slots, prefixes: _Prefixes, tokens, lengths
     model = nnx.merge(graphdef, state)
     prompt_slots = prefixes.segment_ids.shape[1]
     if tokens is not None:
-        prefixes = _prefill(model, prefixes, tokens, lengths, rows)
+        prefixes = _constrain_prefixes(_prefill(model, prefixes, tokens, lengths, rows))
     pool = prefixes
     new_slots = slots.tokens.shape[1]
     keys = jax.vmap(generate.answer_key, (None, 0, 0))(seed_key, prompt, sample)
@@ -227,6 +240,7 @@ _compiled_decode = jax.jit(_decode, static_argnums=(0,), static_argnames=_STATIC
 
 # ---- the host loop -------------------------------------------------------------------------------
 
+PROMPT_STEP = 32
 # The most prompts prefilled ahead of their answers: their prefixes take MAX_PREFIXES × P cache slots.
 MAX_PREFIXES = 32
 
@@ -261,7 +275,7 @@ def sample(
                          f"{max_new_tokens}, {slots}, {refill_at}")
     mesh = mesh or generate.model_mesh(model)
     shards = generate._batch_shards(mesh, rules)
-    layout = generate._plan([len(prompt) for prompt in prompts], max_new_tokens, model.config.max_seq_len, shards)
+    layout = _plan(max(map(len, prompts)), max_new_tokens, model.config.max_seq_len)
     slot_count = -(-slots // shards) * shards
     graphdef, state = decoding_state or generate.decoding_layout(model, mesh, rules)
     seed_key = jax.random.key(seed)
@@ -272,7 +286,8 @@ def sample(
     waiting = collections.deque((prompt, k) for prompt in range(len(prompts)) for k in range(samples))
     occupant: list[tuple[int, int] | None] = [None] * slot_count  # the (prompt, sample) each slot decodes
     # Room for the prompts of one full refill (every slot at once) and one more: prefills come in batches.
-    prefilled = _Prefilled(min(generate.bucket(-(-slot_count // samples) + 1, 2), MAX_PREFIXES), samples)
+    capacity = min(generate.bucket(-(-slot_count // samples) + 1, 2), MAX_PREFIXES)
+    prefilled = _Prefilled(-(-capacity // shards) * shards, samples)
     results: list[Completion | None] = [None] * (len(prompts) * samples)
     with context():
         device_slots, prefixes = _compiled_empty(graphdef, state, slot_count, layout.prompt, layout.new,
@@ -292,6 +307,16 @@ def sample(
             break
         _collect(device_slots, occupant, results, samples, eos_id)
     return results
+
+
+def _plan(longest: int, max_new_tokens: int, context: int) -> generate._Layout:
+    """The static path's prompt and new-token slots, but the prompt rounded up to a multiple of
+    PROMPT_STEP rather than a power of two: every slot attends to the whole prompt area at every
+    step, so it is kept close to the longest prompt (a few programs still serve many prompt sets)."""
+    generate._plan([longest], max_new_tokens, context, 1)  # the same checks and messages
+    prompt = max(longest, min(-(-longest // PROMPT_STEP) * PROMPT_STEP, context - max_new_tokens))
+    new = min(generate.bucket(max_new_tokens, generate.MIN_NEW_TOKENS_BUCKET), context - prompt)
+    return generate._Layout(batch=0, prompt=prompt, new=new, limit=min(max_new_tokens, new))
 
 
 class _Prefilled:
