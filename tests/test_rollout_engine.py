@@ -135,6 +135,15 @@ def test_refilling_several_slots_at_once_changes_no_answer(model, eos_ids, stati
     _check_against_static(completions, static["sampled"], eos_ids["sampled"])
 
 
+def test_prefix_rows_fewer_than_the_prompts_a_refill_needs_change_no_answer(model, eos_ids, static, monkeypatch):
+    # Two prefix rows for 8 slots of 3 samples: a refill starts what the rows hold, the next one
+    # prefills the following prompts once the rows are free.
+    monkeypatch.setattr(engine, "MAX_PREFIXES", 2)
+    completions = engine.sample(model, PROMPTS, samples=K, max_new_tokens=NEW, eos_id=eos_ids["sampled"],
+                                slots=8, sampling=SAMPLED, seed=SEED)
+    _check_against_static(completions, static["sampled"], eos_ids["sampled"])
+
+
 def test_slots_split_over_a_sharded_mesh(model, eos_ids, static):
     mesh = sharding.make_mesh({"ici_data": 2, "ici_fsdp": 2, "ici_tensor": 2, "dcn_data": 1})
     sharded = sharding.create_model(model.config, mesh)
