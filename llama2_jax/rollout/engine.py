@@ -16,7 +16,9 @@ host decides what goes where; the device runs two programs, each compiled once p
               `refill_at` slots have ended (or, with nothing left to start, until all have)
 
 The K samples of a prompt share one prefill: a prompt's prefix (`_Prefixes`, one row per prompt)
-stays on the device until all its samples have started. Samples start in (prompt, sample) order.
+stays on the device until all its samples have started. Prompts start shortest first (a batch
+prefilled together then needs little padding), each prompt's samples one after another; the
+completions come back in (prompt, sample) order.
 P, the prompt area every slot has, is the longest prompt rounded up to a multiple of PROMPT_STEP;
 N, the answer area, is the static path's bucket of `max_new_tokens`.
 
@@ -283,11 +285,13 @@ def sample(
     limit = jnp.int32(layout.limit)
     context = lambda: sharding.logical_context(mesh, sharding.generation_rules(rules))  # noqa: E731
 
-    waiting = collections.deque((prompt, k) for prompt in range(len(prompts)) for k in range(samples))
+    # Prompts start shortest first, so that a batch prefilled together is padded little.
+    order = sorted(range(len(prompts)), key=lambda prompt: len(prompts[prompt]))
+    waiting = collections.deque((prompt, k) for prompt in order for k in range(samples))
     occupant: list[tuple[int, int] | None] = [None] * slot_count  # the (prompt, sample) each slot decodes
     # Room for the prompts of one full refill (every slot at once) and one more: prefills come in batches.
     capacity = min(generate.bucket(-(-slot_count // samples) + 1, 2), MAX_PREFIXES)
-    prefilled = _Prefilled(-(-capacity // shards) * shards, samples)
+    prefilled = _Prefilled(-(-capacity // shards) * shards, samples, order)
     results: list[Completion | None] = [None] * (len(prompts) * samples)
     with context():
         device_slots, prefixes = _compiled_empty(graphdef, state, slot_count, layout.prompt, layout.new,
@@ -322,10 +326,15 @@ def _plan(longest: int, max_new_tokens: int, context: int) -> generate._Layout:
 class _Prefilled:
     """Which prompt each row of `_Prefixes` holds, and how many of its samples have not started."""
 
-    def __init__(self, capacity: int, samples: int):
-        self.capacity, self.samples = capacity, samples
+    def __init__(self, capacity: int, samples: int, order: list[int]):
+        self.capacity, self.samples, self.order = capacity, samples, order
+        self.place = {prompt: place for place, prompt in enumerate(order)}  # in the order prompts start
         self.row: dict[int, int] = {}
         self.unstarted: dict[int, int] = {}
+
+    def upcoming(self, prompt: int, count: int) -> list[int]:
+        """`prompt` and the prompts after it in the order they start, `count` at most."""
+        return self.order[self.place[prompt]:self.place[prompt] + count]
 
     def free_rows(self, excluded: set[int]) -> list[int]:
         taken = set(self.row.values()) | excluded
@@ -359,7 +368,7 @@ def _start_waiting(graphdef, state, device_slots, prefixes, prefilled: _Prefille
             free = prefilled.free_rows({row for _, row, *_ in started})
             if to_prefill or not free:
                 break
-            to_prefill = list(zip(range(prompt, min(prompt + len(free), len(prompts))), free))
+            to_prefill = list(zip(prefilled.upcoming(prompt, len(free)), free))
             for pair in to_prefill:
                 prefilled.add(*pair)
         waiting.popleft()
