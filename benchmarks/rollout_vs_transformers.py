@@ -29,8 +29,6 @@ import os
 import tempfile
 import time
 
-import numpy as np
-
 
 def timed(function, warm_up):
     """The result and wall time of one call, after `warm_up()` (compilation, warm caches)."""
@@ -121,8 +119,9 @@ def main():
         same_batch = {other["sampler"]: other for other in rows if other["batch"] == row["batch"]}
         ratio = lambda name: (f"{row['samples_per_s'] / same_batch[name]['samples_per_s']:.2f}x"  # noqa: E731
                               if name in same_batch else "-")
-        print(f"{row['batch']:>5}  {row['sampler']:<12}  {row['samples_per_s']:>9.1f}  {row['new_tokens_per_s']:>9.0f}  "
-              f"{row['mean_answer']:>8.1f}  {ratio('static'):>9}  {ratio('transformers'):>15}")
+        print(f"{row['batch']:>5}  {row['sampler']:<12}  {row['samples_per_s']:>9.1f}  "
+              f"{row['new_tokens_per_s']:>9.0f}  {row['mean_answer']:>8.1f}  {ratio('static'):>9}  "
+              f"{ratio('transformers'):>15}")
 
 
 def _transformers_runner(ours, export_model, prompts, samples: int, new: int, eos: int):

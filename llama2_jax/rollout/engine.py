@@ -242,6 +242,7 @@ _compiled_decode = jax.jit(_decode, static_argnums=(0,), static_argnames=_STATIC
 
 # ---- the host loop -------------------------------------------------------------------------------
 
+# The prompt area P is the longest prompt rounded up to a multiple of this (see `_plan`).
 PROMPT_STEP = 32
 # The most prompts prefilled ahead of their answers: their prefixes take MAX_PREFIXES × P cache slots.
 MAX_PREFIXES = 32
