@@ -25,7 +25,10 @@ log-softmax of the logits: temperature 1, no top-k/top-p), whatever the sampling
 what PPO's ratio and KL terms need, and it equals a teacher-forced forward pass over the same tokens.
 
 Reproducibility: each row draws from its own key, `fold_in(fold_in(seed, row), step)`, so a row's
-sample depends on its seed, prompt and position in the batch, not on the bucket sizes.
+sample depends on its seed, prompt and position in the batch, not on the bucket sizes. Given the
+prompts' indices (`prompt_ids`), answer k of prompt p draws from `answer_key(seed, p, k)` instead:
+its tokens then depend on (seed, prompt, sample) alone, not on the batch it ran in, and equal what
+the continuous-batching engine (rollout/engine.py) draws for the same answer.
 """
 
 from __future__ import annotations
@@ -221,6 +224,22 @@ def _row_keys(seed: int, batch: int) -> jax.Array:
     return jax.vmap(lambda row: jax.random.fold_in(jax.random.key(seed), row))(jnp.arange(batch))
 
 
+def answer_key(seed_key: jax.Array, prompt: jax.Array, sample: jax.Array) -> jax.Array:
+    """The key of answer `sample` to prompt `prompt` (its token t draws from `fold_in(key, t)`), from
+    `jax.random.key(seed)`: the same whatever row, batch or slot the answer is sampled in."""
+    return jax.random.fold_in(jax.random.fold_in(seed_key, prompt), sample)
+
+
+def _answer_row_keys(seed: int, prompt_ids: Sequence[int], batch: int, samples: int) -> jax.Array:
+    """Row keys of a batch whose rows `i * samples + k` are answer k of prompt `prompt_ids[i]`;
+    padding rows (past the prompts) get the keys of prompt 0, and are never read."""
+    prompts = np.zeros(batch, np.int32)
+    prompts[:len(prompt_ids)] = prompt_ids
+    rows_prompt = jnp.asarray(np.repeat(prompts, samples))
+    rows_sample = jnp.asarray(np.tile(np.arange(samples, dtype=np.int32), batch))
+    return jax.vmap(answer_key, (None, 0, 0))(jax.random.key(seed), rows_prompt, rows_sample)
+
+
 def _prefill(graphdef, state, tokens, lengths, row_keys, sampling, cache_length, samples):
     """Runs the left-padded prompts once, then gives each of a prompt's `samples` rows (prompt i
     owns rows i * samples … i * samples + samples - 1) a copy of its cache and its own first token."""
@@ -348,6 +367,7 @@ def generate(
     rules=sharding.DEFAULT_RULES,
     decoding_state: tuple[nnx.GraphDef, nnx.State] | None = None,
     samples: int = 1,
+    prompt_ids: Sequence[int] | None = None,
 ) -> Generation:
     """Samples up to `max_new_tokens` after each prompt (token ids, BOS included if wanted).
 
@@ -359,10 +379,13 @@ def generate(
     `samples` K > 1 draws K answers per prompt from one prefill of it (its KV cache copied to K
     rows): rows `i * K` … `i * K + K - 1` of the result are prompt i's. Row r draws from key
     `fold_in(seed, r)`, so the result is what the prompts repeated K times in a row would give.
+    With `prompt_ids` (one non-negative index per prompt, e.g. its place in a stage's prompt list),
+    answer k of prompt i draws from `answer_key(key(seed), prompt_ids[i], k)` instead: the same answer
+    whatever batch it is in, and the one `rollout.engine.sample` gives for that (seed, prompt, sample).
     """
     arguments, statics, layout = _loop_arguments(
         model, prompts, max_new_tokens=max_new_tokens, eos_id=eos_id, sampling=sampling, seed=seed, mesh=mesh,
-        rules=rules, decoding_state=decoding_state, samples=samples)
+        rules=rules, decoding_state=decoding_state, samples=samples, prompt_ids=prompt_ids)
     with sharding.logical_context(mesh or model_mesh(model), sharding.generation_rules(rules)):
         out_tokens, out_log_probs, out_lengths = _compiled_loop(*arguments, **statics)
     rows, columns = len(prompts) * samples, layout.limit
@@ -383,9 +406,12 @@ def compiled_program(model: nnx.Module, prompts: Sequence[Sequence[int]], **keyw
 
 
 def _loop_arguments(model, prompts, *, max_new_tokens, eos_id, sampling=SamplingParams(), seed=0, mesh=None,
-                    rules=sharding.DEFAULT_RULES, decoding_state=None, samples=1):
+                    rules=sharding.DEFAULT_RULES, decoding_state=None, samples=1, prompt_ids=None):
     """The compiled loop's arguments and static settings for a `generate` call, and its layout."""
     prompts = _check_prompts(prompts, model.config.vocab_size)
+    if prompt_ids is not None and (len(prompt_ids) != len(prompts) or min(prompt_ids) < 0):
+        raise ValueError(f"prompt_ids must give one non-negative index per prompt ({len(prompts)}), "
+                         f"got {list(prompt_ids)[:10]}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if samples < 1:
@@ -396,8 +422,9 @@ def _loop_arguments(model, prompts, *, max_new_tokens, eos_id, sampling=Sampling
     active = np.arange(layout.batch) < len(prompts)
     graphdef, state = decoding_state or decoding_layout(model, mesh, rules)
     tokens, lengths, active = _place(mesh, rules, tokens, lengths, active)
-    arguments = (graphdef, state, tokens, lengths, active, jnp.int32(layout.limit),
-                 _row_keys(seed, layout.batch * samples))
+    row_keys = (_row_keys(seed, layout.batch * samples) if prompt_ids is None
+                else _answer_row_keys(seed, prompt_ids, layout.batch, samples))
+    arguments = (graphdef, state, tokens, lengths, active, jnp.int32(layout.limit), row_keys)
     statics = dict(sampling=sampling, eos_id=int(eos_id), new_slots=layout.new, samples=samples)
     return arguments, statics, layout
 

@@ -36,9 +36,14 @@ def attention_mask(
     kv_len: int,
     q_offset: jax.Array | int = 0,
 ) -> jax.Array:
-    """Boolean [batch or 1, q_len, kv_len]: causal by slot, and within one segment."""
-    q_slots = q_offset + jnp.arange(q_len)
-    mask = (jnp.arange(kv_len)[None, :] <= q_slots[:, None])[None]
+    """Boolean [batch or 1, q_len, kv_len]: causal by slot, and within one segment.
+
+    `q_offset` is the slot of the first query: one for every row, or [batch], each row's own (rows
+    of a continuous batch stand at different slots of their caches)."""
+    q_slots = jnp.asarray(q_offset)[..., None] + jnp.arange(q_len)  # [q_len] or [batch, q_len]
+    mask = jnp.arange(kv_len) <= q_slots[..., None]
+    if mask.ndim == 2:
+        mask = mask[None]
     if q_segment_ids is not None:
         mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
     return mask
@@ -51,8 +56,8 @@ def xla_attention(q, k, v, q_segment_ids, kv_segment_ids):
 
 
 def cached_attention(q, keys, values, q_segment_ids, kv_segment_ids, q_offset):
-    """Attention of queries [batch, q_len, heads, head_dim] at slots `q_offset`… against a KV cache
-    laid out heads-major, [batch, kv_heads, cache_len, head_dim] (see `KVCache`).
+    """Attention of queries [batch, q_len, heads, head_dim] at slots `q_offset`… (one offset, or one
+    per row) against a KV cache laid out heads-major, [batch, kv_heads, cache_len, head_dim] (see `KVCache`).
 
     The reference einsums in the cache's own layout, so neither operand needs a transposing copy:
     decoding a token is then bound by reading the cache once.

@@ -136,7 +136,9 @@ class KVCache:
     cache is a buffer of its own, written in place, and heads come before slots so attention reads
     each head's keys as one contiguous block. (One stacked buffer indexed by a scanned layer, or
     slots before heads, costs a copy of the layer's cache per decoded token.) `segment_ids`:
-    [batch, max_length], 0 for padding and for slots not yet written; `index`: the next slot.
+    [batch, max_length], 0 for padding and for slots not yet written; `index`: the next slot, a
+    scalar shared by every row, or [batch], each row's own (continuous batching, where a row's
+    answer starts whenever its previous one ended).
     """
 
     keys: tuple[jax.Array, ...]
@@ -171,13 +173,17 @@ class LayerCache:
     prefill: bool = struct.field(pytree_node=False, default=False)
 
     def write(self, k: jax.Array, v: jax.Array) -> "LayerCache":
-        """Stores new keys and values [batch, T, kv_heads, head_dim] at slots [index, index + T)."""
-        slot = (0, 0, self.index, 0)
+        """Stores new keys and values [batch, T, kv_heads, head_dim] at slots [index, index + T)
+        (each row at its own index when `index` is per row)."""
         heads_major = lambda a, cached: jnp.swapaxes(a, 1, 2).astype(cached.dtype)  # noqa: E731
-        return self.replace(
-            keys=jax.lax.dynamic_update_slice(self.keys, heads_major(k, self.keys), slot),
-            values=jax.lax.dynamic_update_slice(self.values, heads_major(v, self.values), slot),
-        )
+        k, v = heads_major(k, self.keys), heads_major(v, self.values)
+        if self.index.ndim == 0:
+            slot = (0, 0, self.index, 0)
+            return self.replace(keys=jax.lax.dynamic_update_slice(self.keys, k, slot),
+                                values=jax.lax.dynamic_update_slice(self.values, v, slot))
+        # One update per row, each at its own slot (a scatter XLA still does in place).
+        rows = jax.vmap(lambda buffer, new, index: jax.lax.dynamic_update_slice(buffer, new, (0, index, 0)))
+        return self.replace(keys=rows(self.keys, k, self.index), values=rows(self.values, v, self.index))
 
 
 class Transformer(nnx.Module):
@@ -307,8 +313,9 @@ class Llama(Transformer):
         logits = jnp.einsum("btd,dv->btv", hidden, kernel, preferred_element_type=jnp.float32)
         return axes.constrain(logits, (axes.BATCH, axes.LENGTH, axes.ACT_VOCAB))
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt included)."""
+    def init_cache(self, batch_size: int, max_length: int, dtype=None, per_row_index: bool = False) -> KVCache:
+        """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt included); with
+        `per_row_index`, each row keeps its own next slot."""
         cfg = self.config
         if max_length > cfg.max_seq_len:
             raise ValueError(
@@ -321,7 +328,7 @@ class Llama(Transformer):
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)),
             segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
-            index=jnp.zeros((), jnp.int32),
+            index=jnp.zeros((batch_size,) if per_row_index else (), jnp.int32),
         )
 
     def prefill(
@@ -354,12 +361,18 @@ class Llama(Transformer):
 
     def _run_cached(self, tokens, positions, segment_ids, cache: KVCache, prefill: bool):
         length = tokens.shape[1]
-        cache = cache.replace(
-            segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
-        )
+        cache = cache.replace(segment_ids=_write_slots(cache.segment_ids, segment_ids, cache.index))
         x, cache = self._decode_layers(self._embed(tokens), positions, segment_ids, cache, prefill)
         last = self.norm(x[:, -1:])
         return self.logits(last)[:, 0], cache.replace(index=cache.index + length)
+
+
+def _write_slots(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """`new` [batch, T] written into `buffer` [batch, length] at slots [index, index + T), with one
+    index for every row or one per row."""
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buffer, new, (0, index))
+    return jax.vmap(lambda row, values, start: jax.lax.dynamic_update_slice(row, values, (start,)))(buffer, new, index)
 
 
 class LlamaRewardModel(Transformer):
