@@ -9,7 +9,7 @@ decoded together):
 
     continuous    engine.sample with B slots, refilled as answers end
     static        generate.generate with samples=K on B // K prompts a call, prompts sorted by
-                  length, as rejection_phases.sample_answers calls it
+                  length: how the stages sampled before continuous batching
     transformers  LlamaForCausalLM.generate(num_return_sequences=K, do_sample=True) on B // K
                   prompts a call (left-padded), the checkpoint exported to HF format
 
@@ -26,8 +26,11 @@ Needs torch and transformers beside the package.
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout's own package
 
 
 def timed(function, warm_up):

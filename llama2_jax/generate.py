@@ -1,4 +1,5 @@
-"""Sampling with a KV cache: shared by the chat and generate commands, rejection sampling and PPO.
+"""Sampling with a KV cache, a batch at a time: the static path `chat` streams from and under the
+continuous batching of llama2_jax/rollout/ (its prefill, sampling, keys and decoding layout).
 
 A call takes a batch of prompts of different lengths, left-pads them to a common bucket length,
 runs the whole prompt through the model once (prefill), then decodes one token per step inside a
@@ -474,83 +475,3 @@ def stream(
             token, _, cache = _compiled_step(
                 graphdef, state, token, lengths, jnp.int32(step), cache, row_keys, sampling
             )
-
-
-# ---- text in, text out ---------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Completion:
-    """One prompt's new text, its tokens (EOS included when produced), their log-probs under the
-    model, and whether it ended with EOS rather than at the token limit."""
-
-    text: str
-    tokens: list[int]
-    log_probs: list[float]
-    finished: bool
-
-
-def complete(
-    model: nnx.Module,
-    tokenizer,
-    prompts: Sequence[Sequence[int]],
-    *,
-    max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
-    seed: int = 0,
-    batch_size: int = 32,
-    mesh: Mesh | None = None,
-    rules=sharding.DEFAULT_RULES,
-    samples: int = 1,
-) -> list[Completion]:
-    """Completions of many prompts (token ids), in batches of similar length, in the input order.
-
-    With `samples` K, K completions per prompt from one prefill each: entry `i * K + j` is prompt
-    i's j-th. `batch_size` counts rows (prompts × samples) per call. Batch k samples with seed
-    `seed + k`; one copy of the weights in the decoding layout serves every batch."""
-    from llama2_jax.metrics import PROGRESS_LINE_SECONDS, Progress
-
-    mesh = mesh or model_mesh(model)
-    decoding_state = decoding_layout(model, mesh, rules)
-    order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))
-    prompts_per_batch = max(1, batch_size // samples)
-    results: list[Completion | None] = [None] * (len(prompts) * samples)
-    progress = Progress(len(order), unit="prompt", line_seconds=PROGRESS_LINE_SECONDS)
-    for batch_number, start in enumerate(range(0, len(order), prompts_per_batch)):
-        indices = order[start:start + prompts_per_batch]
-        output = generate(model, [prompts[i] for i in indices], max_new_tokens=max_new_tokens,
-                          eos_id=tokenizer.eos_id, sampling=sampling, seed=seed + batch_number, mesh=mesh,
-                          rules=rules, decoding_state=decoding_state, samples=samples)
-        log_probs = to_host(output.log_probs)
-        for row, tokens in enumerate(output.token_lists()):
-            finished = bool(tokens) and tokens[-1] == tokenizer.eos_id
-            prompt_index, sample = divmod(row, samples)
-            results[indices[prompt_index] * samples + sample] = Completion(
-                text=tokenizer.decode(tokens[:-1] if finished else tokens), tokens=tokens,
-                log_probs=[float(value) for value in log_probs[row, :len(tokens)]], finished=finished)
-        progress.update(min(start + prompts_per_batch, len(order)))
-    progress.close()
-    return results
-
-
-def answer_dialogs(
-    model: nnx.Module,
-    tokenizer,
-    dialogs: Sequence[Sequence[dict]],
-    *,
-    max_new_tokens: int,
-    sampling: SamplingParams = SamplingParams(),
-    seed: int = 0,
-    batch_size: int = 32,
-    mesh: Mesh | None = None,
-    rules=sharding.DEFAULT_RULES,
-) -> list[str]:
-    """The assistant's next answer to each dialog (ending with a user turn), in the Llama 2 chat
-    format; a dialog too long for the context with the answer loses its oldest exchanges first."""
-    from llama2_jax.data.chat import fit_dialog
-
-    budget = model.config.max_seq_len - max_new_tokens
-    prompts = [fit_dialog(tokenizer, dialog, budget)[1] for dialog in dialogs]
-    completions = complete(model, tokenizer, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                           seed=seed, batch_size=batch_size, mesh=mesh, rules=rules)
-    return [completion.text.strip() for completion in completions]

@@ -229,7 +229,7 @@ def test_the_rollouts_old_log_probs_make_the_first_ratio_one():
                         [rng.integers(3, 64, length).tolist() for length in (3, 5, 4, 6)], 0)
     answers = [Answer(row, 0, tuple(rng.integers(3, 64, length).tolist()), finished)
                for row, (length, finished) in enumerate([(4, True), (2, False), (5, True), (3, True)])]
-    settings = Settings(rollouts=4, mini_batch=4, epochs=1, max_new_tokens=6, temperature=1.0, sample_batch_size=4,
+    settings = Settings(rollouts=4, mini_batch=4, epochs=1, max_new_tokens=6, temperature=1.0, slots=4,
                         score_batch_size=4, seq_len=16, seed=0, eos_id=2)
     section = ml_collections.ConfigDict(dict(kl_coef=0.1, gamma=1.0, lam=0.95, missing_eos_penalty=1.0))
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
@@ -340,7 +340,9 @@ def test_with_adapters_the_value_models_base_under_the_rms_head_is_the_helpfulne
     for name in ("helpfulness", "safety", "combined"):
         np.testing.assert_allclose([record[name] for record in adapted], [record[name] for record in alone],
                                    atol=1e-5, rtol=0, err_msg=name)
-    assert any(record.get("eval_kl_reference", 0) > 0 for record in logged(tmp_path))  # adapters moved the policy
+    # Adapters moved the policy: the held-out answers' log pi - log pi_ref is no longer 0 (an estimate
+    # of the KL on answers sampled at temperature 0.6, top-p 0.9, so of either sign).
+    assert any(abs(record.get("eval_kl_reference", 0)) > 1e-4 for record in logged(tmp_path))
 
 
 def test_the_shared_helpfulness_rm_keeps_its_own_head_while_the_value_head_trains():

@@ -16,6 +16,7 @@ from llama2_jax.model.llama import Llama, LlamaRewardModel
 from llama2_jax.reward import combine
 from llama2_jax.sharding import model_arrays
 from llama2_jax.stages import rejection
+from llama2_jax.rollout import sampler as sampler_lib
 from llama2_jax.rollout.sampler import Answer
 from llama2_jax.train import loop
 from stop_requests import stop_when
@@ -137,35 +138,40 @@ def test_a_run_keeps_every_phase_and_the_policy_in_its_workdir(uninterrupted):
 
 def test_a_run_stopped_in_each_phase_resumes_to_the_same_pool_and_policy(models, uninterrupted, tmp_path,
                                                                           monkeypatch, capsys):
-    workdir, one_round = tmp_path / "stopped", "--config.rejection.rounds=1"
-    monkeypatch.setattr(rejection, "StopRequests", stop_when(lambda step: True))
-    assert cli.main(argv(models, workdir, one_round)) == 75  # stopped after the first sampling batch
-    assert list((workdir / "round_1" / "samples").iterdir()) and not (workdir / "round_1" / "candidates.jsonl").exists()
-    monkeypatch.undo()
+    # Parts of one slot-load (6 answers: 2 prompts of 3) rather than eight: four parts to stop between.
+    # An answer does not depend on its part, so the run ends as the uninterrupted one (one part) did.
+    with pytest.MonkeyPatch.context() as parts:
+        parts.setattr(sampler_lib, "PART_LOADS", 1)
+        workdir, one_round = tmp_path / "stopped", "--config.rejection.rounds=1"
+        monkeypatch.setattr(rejection, "StopRequests", stop_when(lambda step: True))
+        assert cli.main(argv(models, workdir, one_round)) == 75  # stopped after the first part sampled
+        assert list((workdir / "round_1" / "samples").iterdir())
+        assert not (workdir / "round_1" / "candidates.jsonl").exists()
+        monkeypatch.undo()
 
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt
+        def crash(*args, **kwargs):
+            raise KeyboardInterrupt
 
-    monkeypatch.setattr(rejection, "score_answers", crash)
-    assert cli.main(argv(models, workdir, one_round)) == 130  # killed while scoring: nothing of the phase written
-    assert not (workdir / "round_1" / "candidates.jsonl").exists()
-    monkeypatch.undo()
+        monkeypatch.setattr(rejection, "score_answers", crash)
+        assert cli.main(argv(models, workdir, one_round)) == 130  # killed while scoring: nothing of the phase written
+        assert not (workdir / "round_1" / "candidates.jsonl").exists()
+        monkeypatch.undo()
 
-    monkeypatch.setattr(loop, "StopRequests", stop_when(lambda step: step >= 1))
-    assert cli.main(argv(models, workdir, one_round)) == 75  # stopped in the fine-tuning, its step 1 saved
-    assert (workdir / "round_1" / "checkpoints" / "1").is_dir() and not (workdir / "policy.json").exists()
-    monkeypatch.undo()
+        monkeypatch.setattr(loop, "StopRequests", stop_when(lambda step: step >= 1))
+        assert cli.main(argv(models, workdir, one_round)) == 75  # stopped in the fine-tuning, its step 1 saved
+        assert (workdir / "round_1" / "checkpoints" / "1").is_dir() and not (workdir / "policy.json").exists()
+        monkeypatch.undo()
 
-    assert cli.main(argv(models, workdir, one_round)) == 0
-    capsys.readouterr()
-    candidates, kept, policy = round_1(workdir)
-    expected_candidates, expected_kept, expected_policy = round_1(uninterrupted)
-    assert candidates == expected_candidates
-    pool = [json.loads(line) for line in (workdir / "pool.jsonl").read_text().splitlines()]
-    assert [(entry["prompt"], entry["answer"]) for entry in pool] == sorted(kept) == sorted(expected_kept)
-    for name, value in expected_policy.items():
-        np.testing.assert_array_equal(policy[name], value, err_msg=name)
-    assert json.loads((workdir / "policy.json").read_text()) == {"round": 1}
+        assert cli.main(argv(models, workdir, one_round)) == 0
+        capsys.readouterr()
+        candidates, kept, policy = round_1(workdir)
+        expected_candidates, expected_kept, expected_policy = round_1(uninterrupted)
+        assert candidates == expected_candidates
+        pool = [json.loads(line) for line in (workdir / "pool.jsonl").read_text().splitlines()]
+        assert [(entry["prompt"], entry["answer"]) for entry in pool] == sorted(kept) == sorted(expected_kept)
+        for name, value in expected_policy.items():
+            np.testing.assert_array_equal(policy[name], value, err_msg=name)
+        assert json.loads((workdir / "policy.json").read_text()) == {"round": 1}
 
 
 def test_a_finished_run_reruns_without_redoing_work_and_refuses_an_unreadable_candidates_file(

@@ -256,8 +256,8 @@ def test_gatt_command_writes_the_policys_answers_as_training_dialogs(random_poli
     hamlet = InstructionSet((Instruction("character", "HAMLET"),), short=True)
     monkeypatch.setattr(InstructionSet, "sample", classmethod(lambda cls, rng, characters, plays: hamlet))
     # A policy that follows the instruction whenever the turn it answers carries it.
-    monkeypatch.setattr(gatt, "answer_dialogs", lambda model, tokenizer, dialogs, **keywords: [
-        ("HAMLET: yes" if "Figure: HAMLET" in dialog[-1]["content"] else "no") for dialog in dialogs])
+    monkeypatch.setattr(gatt, "answers_to_dialogs", lambda model, tokenizer, dialogs, samples, **keywords: [
+        ["HAMLET: yes" if "Figure: HAMLET" in dialog[-1]["content"] else "no"] * samples for dialog in dialogs])
     out = tmp_path / "gatt.jsonl"
     assert cli.main(["gatt", "--checkpoint", str(random_policy), "--dialogs", str(gatt_dialogs_file(tmp_path / "d.jsonl")),
                      "--out", str(out)]) == 0
@@ -273,8 +273,8 @@ def test_gatt_eval_prints_the_recall_of_each_turn(random_policy, tmp_path, monke
     from llama2_jax.commands import gatt
 
     # A model that follows the instruction only while it is in the turn being answered.
-    monkeypatch.setattr(gatt, "answer_dialogs", lambda model, tokenizer, dialogs, **keywords: [
-        InstructionSet((Instruction("character", "X"),)).apply("x") if len(dialog) == 1 else "plain"
+    monkeypatch.setattr(gatt, "answers_to_dialogs", lambda model, tokenizer, dialogs, samples, **keywords: [
+        [InstructionSet((Instruction("character", "X"),)).apply("x") if len(dialog) == 1 else "plain"] * samples
         for dialog in dialogs])
     monkeypatch.setattr(InstructionSet, "sample", classmethod(
         lambda cls, rng, characters, plays: InstructionSet((Instruction("character", "X"),))))
@@ -296,8 +296,8 @@ def test_gatt_keeps_the_first_of_several_sampled_answers_that_follows(random_pol
     hamlet = InstructionSet((Instruction("character", "HAMLET"),), short=True)
     monkeypatch.setattr(InstructionSet, "sample", classmethod(lambda cls, rng, characters, plays: hamlet))
     # Only the third answer sampled for a turn follows the instruction.
-    monkeypatch.setattr(gatt, "answer_dialogs", lambda model, tokenizer, dialogs, seed, **keywords: [
-        "HAMLET: third" if seed // 100_000 == 2 else "other" for _ in dialogs])
+    monkeypatch.setattr(gatt, "answers_to_dialogs", lambda model, tokenizer, dialogs, samples, **keywords: [
+        ["HAMLET: third" if sample == 2 else "other" for sample in range(samples)] for _ in dialogs])
     dialogs = gatt_dialogs_file(tmp_path / "d.jsonl")
     for samples, expected in (("3", 5), ("2", 0)):
         out = tmp_path / f"gatt{samples}.jsonl"
@@ -316,8 +316,8 @@ def test_gatt_with_reward_models_keeps_the_best_scored_answer_that_follows(rando
     monkeypatch.setattr(InstructionSet, "sample", classmethod(lambda cls, rng, characters, plays: hamlet))
     # Sample k answers "HAMLET: k" except the second, which does not follow; the reward model prefers
     # the third, which is neither the first sampled nor the first that follows.
-    monkeypatch.setattr(gatt, "answer_dialogs", lambda model, tokenizer, dialogs, seed, **keywords: [
-        "other" if seed // 100_000 == 1 else f"HAMLET: {seed // 100_000}" for _ in dialogs])
+    monkeypatch.setattr(gatt, "answers_to_dialogs", lambda model, tokenizer, dialogs, samples, **keywords: [
+        ["other" if sample == 1 else f"HAMLET: {sample}" for sample in range(samples)] for _ in dialogs])
     scored = []
 
     def combined_scores(models, tokenizer, dialogs, responses, **keywords):

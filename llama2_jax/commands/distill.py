@@ -26,7 +26,8 @@ from llama2_jax.cli import ArgumentParser, print_phase, reports_errors
 from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
 from llama2_jax.data.prompts import read_prompts
 from llama2_jax.data.safety import preprompt
-from llama2_jax.generate import SamplingParams, answer_dialogs
+from llama2_jax.generate import SamplingParams
+from llama2_jax.rollout.sampler import answer_dialogs
 
 
 def with_preprompt(dialog: list[dict], system: str) -> list[dict]:

@@ -30,7 +30,8 @@ from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
 from llama2_jax.data.gatt import Conversation, converse, followed_turns, split_dialog, training_dialogs
 from llama2_jax.data.instructions import DEMO_DATA_DIR, InstructionSet, load_characters_and_plays
 from llama2_jax.data.records import jsonl_records, parse_chat_record
-from llama2_jax.generate import SamplingParams, answer_dialogs
+from llama2_jax.generate import SamplingParams
+from llama2_jax.rollout.sampler import answers_to_dialogs
 
 
 def read_dialogs(path: str) -> list[list[dict]]:
@@ -60,10 +61,8 @@ def answer_with(model, tokenizer, args, samples: int = 1, reward_models: Sequenc
         print_phase(f"turn {turn}: answering {len(conversations)} dialogs"
                     + (f", {samples} sampled answers each" if samples > 1 else ""))
         dialogs = [conversation.messages(turn) for conversation in conversations]
-        candidates = list(zip(*[answer_dialogs(model, tokenizer, dialogs, max_new_tokens=args.answer_tokens,
-                                               sampling=sampling, seed=args.seed + 1000 * turn + 100_000 * sample,
-                                               batch_size=args.batch_size)
-                                for sample in range(samples)]))
+        candidates = answers_to_dialogs(model, tokenizer, dialogs, max_new_tokens=args.answer_tokens, samples=samples,
+                                        sampling=sampling, seed=args.seed + 1000 * turn, batch_size=args.batch_size)
         following = [[reply for reply in replies if conversation.instruction.followed_by(reply)]
                      for conversation, replies in zip(conversations, candidates)]
         if not reward_models:
@@ -91,7 +90,7 @@ def add_conversation_flags(parser: ArgumentParser, dialogs: str, temperature: fl
     parser.add_argument("--dialogs", default=str(DEMO_DATA_DIR / dialogs),
                         help=f"multi-turn chat JSONL whose user turns are used (default: the bundled {dialogs})")
     parser.add_argument("--answer-tokens", type=int, default=48, help="longest answer per turn")
-    parser.add_argument("--batch-size", type=int, default=64, help="dialogs answered per generation call")
+    parser.add_argument("--batch-size", type=int, default=64, help="answers decoding together (refilled as they end)")
 
 
 @reports_errors

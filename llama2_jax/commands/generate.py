@@ -25,7 +25,8 @@ import jax
 from llama2_jax.cli import ArgumentParser, print_phase, reports_errors
 from llama2_jax.commands.model_flags import add_model_flags, load_for_sampling
 from llama2_jax.data.prompts import read_prompts
-from llama2_jax.generate import SamplingParams, complete
+from llama2_jax.generate import SamplingParams
+from llama2_jax.rollout.sampler import complete
 
 
 @reports_errors
@@ -36,7 +37,7 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--prompts", required=True, help="text file (one prompt a line) or .jsonl")
     parser.add_argument("--out", required=True, help="output .jsonl")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=32, help="prompts per generation call")
+    parser.add_argument("--batch-size", type=int, default=32, help="answers decoding together (refilled as they end)")
     args = parser.parse_args(argv)
     model, tokenizer = load_for_sampling(args)
     prompts = read_prompts(args.prompts)
@@ -56,7 +57,8 @@ def main(argv: Sequence[str]) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as out:
             for index, (text, result) in enumerate(zip(texts, results)):
-                record = {"index": index, "prompt": text, "completion": result.text, "tokens": result.tokens,
+                new_text = tokenizer.decode(list(result.tokens[:-1] if result.finished else result.tokens))
+                record = {"index": index, "prompt": text, "completion": new_text, "tokens": list(result.tokens),
                           "log_probs": [round(value, 6) for value in result.log_probs], "finished": result.finished}
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
         print(f"wrote {len(results)} completions to {args.out}")

@@ -50,7 +50,7 @@ def compare(reference: str, policies: Sequence[str], reward_models: Sequence, to
     helpfulness_rm, safety_rm = (*reward_models, None)[:2]
     context = min(model.config.max_seq_len for model in reward_models)
     reference_model = load_pretrained(reference, "float32", mesh=mesh, rules=rules)
-    sample = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, batch_size=batch_size, seed=seed)
+    sample = dict(max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id, slots=batch_size, seed=seed)
     figures = []
     for path in [reference, *policies]:
         log(f"{path}: answering {len(prompts.indices)} held-out prompts")

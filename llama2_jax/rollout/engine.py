@@ -65,16 +65,21 @@ from llama2_jax.model import axes, llama
 
 
 @dataclasses.dataclass(frozen=True)
-class Completion:
+class Answer:
     """Answer `sample` to prompt `prompt` (its index in the prompts given): its new tokens (EOS
-    included when produced), their log-probs under the model (temperature 1, no filters, as
-    `generate.Generation.log_probs`), and whether it ended with EOS rather than at the token limit."""
+    included when produced), whether it ended with EOS rather than at the token limit, and the
+    tokens' log-probs under the model (temperature 1, no filters, as `generate.Generation.log_probs`;
+    empty where they were not kept)."""
 
     prompt: int
     sample: int
-    tokens: list[int]
-    log_probs: list[float]
+    tokens: tuple[int, ...]
     finished: bool
+    log_probs: tuple[float, ...] = ()
+
+    def text(self, tokenizer) -> str:
+        """The answer as text: EOS dropped, surrounding spaces stripped."""
+        return tokenizer.decode(list(self.tokens[:-1] if self.finished else self.tokens)).strip()
 
 
 @struct.dataclass
@@ -262,12 +267,14 @@ def sample(
     mesh: Mesh | None = None,
     rules=sharding.DEFAULT_RULES,
     decoding_state: tuple[nnx.GraphDef, nnx.State] | None = None,
-) -> list[Completion]:
-    """`samples` answers to every prompt (token ids), decoded `slots` at a time; the completions in
+    prompt_ids: Sequence[int] | None = None,
+) -> list[Answer]:
+    """`samples` answers to every prompt (token ids), decoded `slots` at a time; the answers in
     (prompt, sample) order: entry `p * samples + k` is answer k to prompt p.
 
     Answer k to prompt p is the one `generate.generate(..., seed=seed, prompt_ids=[..., p, ...])`
-    gives (see the module docstring). Decoding returns to the host, to start waiting answers, once
+    gives (see the module docstring); with `prompt_ids`, prompt p draws as prompt `prompt_ids[p]`
+    (its place in a larger set answered in several calls, say), whatever call it is answered in. Decoding returns to the host, to start waiting answers, once
     `refill_at` slots have ended. New tokens are capped by the context as in `generate.generate`:
     the longest prompt plus the new tokens never exceed `config.max_seq_len`. Pass `decoding_state`
     (from `generate.decoding_layout`) to reuse one copy of the parameters across calls.
@@ -276,6 +283,9 @@ def sample(
     if samples < 1 or max_new_tokens < 1 or slots < 1 or refill_at < 1:
         raise ValueError(f"samples, max_new_tokens, slots and refill_at must be >= 1, got {samples}, "
                          f"{max_new_tokens}, {slots}, {refill_at}")
+    key_ids = list(range(len(prompts))) if prompt_ids is None else [int(index) for index in prompt_ids]
+    if len(key_ids) != len(prompts) or min(key_ids) < 0:
+        raise ValueError(f"give one non-negative prompt id per prompt: {len(key_ids)} ids for {len(prompts)} prompts")
     mesh = mesh or generate.model_mesh(model)
     shards = generate._batch_shards(mesh, rules)
     layout = _plan(max(map(len, prompts)), max_new_tokens, model.config.max_seq_len)
@@ -293,7 +303,7 @@ def sample(
     # Room for the prompts of one full refill (every slot at once) and one more: prefills come in batches.
     capacity = min(generate.bucket(-(-slot_count // samples) + 1, 2), MAX_PREFIXES)
     prefilled = _Prefilled(-(-capacity // shards) * shards, samples, order)
-    results: list[Completion | None] = [None] * (len(prompts) * samples)
+    results: list[Answer | None] = [None] * (len(prompts) * samples)
     with context():
         device_slots, prefixes = _compiled_empty(graphdef, state, slot_count, layout.prompt, layout.new,
                                                  prefilled.capacity)
@@ -301,8 +311,8 @@ def sample(
         if waiting and None in occupant:
             with context():
                 device_slots, prefixes = _start_waiting(graphdef, state, device_slots, prefixes, prefilled, prompts,
-                                                        waiting, occupant, layout, seed_key, limit, mesh, rules,
-                                                        shards, statics)
+                                                        key_ids, waiting, occupant, layout, seed_key, limit, mesh,
+                                                        rules, shards, statics)
         elif any(occupant):
             stop = refill_at if waiting else slot_count
             with context():
@@ -353,12 +363,12 @@ class _Prefilled:
         return row
 
 
-def _start_waiting(graphdef, state, device_slots, prefixes, prefilled: _Prefilled, prompts, waiting, occupant,
-                   layout, seed_key, limit, mesh, rules, shards, statics):
+def _start_waiting(graphdef, state, device_slots, prefixes, prefilled: _Prefilled, prompts, key_ids, waiting,
+                   occupant, layout, seed_key, limit, mesh, rules, shards, statics):
     """Starts the next waiting answers in the free slots. When the next one's prompt is not prefilled,
     the next prompts in line are, as many as there are free prefix rows, in the same program."""
     slot_count = len(occupant)
-    started: list[tuple[int, int, int, int, int]] = []  # (slot, prefix row, prompt, sample, prompt length)
+    started: list[tuple[int, int, int, int, int]] = []  # (slot, prefix row, prompt id, sample, prompt length)
     to_prefill: list[tuple[int, int]] = []  # (prompt, prefix row)
     for slot in [slot for slot, held in enumerate(occupant) if held is None]:
         if not waiting:
@@ -373,7 +383,7 @@ def _start_waiting(graphdef, state, device_slots, prefixes, prefilled: _Prefille
             for pair in to_prefill:
                 prefilled.add(*pair)
         waiting.popleft()
-        started.append((slot, prefilled.start(prompt), prompt, k, len(prompts[prompt])))
+        started.append((slot, prefilled.start(prompt), key_ids[prompt], k, len(prompts[prompt])))
         occupant[slot] = (prompt, k)
     # Counts and the prompts' length padded to powers of two: a few compiled programs serve every refill.
     tokens = lengths = rows = None
@@ -407,7 +417,7 @@ def _collect(device_slots: _Slots, occupant, results, samples: int, eos_id: int)
     for slot in ended:
         prompt, k = occupant[slot]
         answer = tokens[slot, :steps[slot]].tolist()
-        results[prompt * samples + k] = Completion(
-            prompt=prompt, sample=k, tokens=answer, log_probs=log_probs[slot, :steps[slot]].tolist(),
-            finished=bool(answer) and answer[-1] == eos_id)
+        results[prompt * samples + k] = Answer(
+            prompt=prompt, sample=k, tokens=tuple(answer), finished=bool(answer) and answer[-1] == eos_id,
+            log_probs=tuple(log_probs[slot, :steps[slot]].tolist()))
         occupant[slot] = None

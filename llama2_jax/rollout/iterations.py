@@ -30,7 +30,7 @@ from jax.sharding import Mesh
 
 from llama2_jax import generate
 from llama2_jax.length_batches import place_rows
-from llama2_jax.rollout.sampler import Answer, Sampler, part_seed
+from llama2_jax.rollout.sampler import Answer, Sampler, sampling_seed
 
 KEEP_ROLLOUTS = 2  # rollout files kept: the iteration in training and the one before
 METRICS_KEY = "_metrics"  # the rollout's metrics, as JSON, beside its rows in its file
@@ -45,7 +45,7 @@ class Settings:
     epochs: int
     max_new_tokens: int
     temperature: float
-    sample_batch_size: int
+    slots: int  # answers decoding together
     score_batch_size: int
     seq_len: int
     seed: int
@@ -139,8 +139,8 @@ class RolloutBatches:
         self.sampler.update(self.policy_of(model))
         answers, _, _ = self.sampler.sample(
             prompts, samples=settings.samples, sampling=generate.SamplingParams(temperature=settings.temperature),
-            max_new_tokens=settings.max_new_tokens, eos_id=settings.eos_id, batch_size=settings.sample_batch_size,
-            seed=lambda part: part_seed(settings.seed, self.iteration, part))
+            max_new_tokens=settings.max_new_tokens, eos_id=settings.eos_id, slots=settings.slots,
+            seed=sampling_seed(settings.seed, self.iteration))
         sampled = time.perf_counter()
         rows, metrics = self.score(model, answers, indices[[answer.prompt for answer in answers]])
         seconds = {"rollout": sampled - start, "scoring": time.perf_counter() - sampled}

@@ -118,7 +118,7 @@ SHARED_DOCS = {
                  "models)",
     "group_size": "answers sampled per prompt, each prompt's group",
     "frozen_dtype": "storage dtype of the reference policy and the reward models",
-    "batch_size": "rows per sampling call",
+    "batch_size": "answers decoding together (the sampler's slots, refilled as answers end)",
     "score_batch_size": "sequences per reward-model batch",
     "eval_prompts": "held-out prompts (data.eval_split) answered (temperature 0.6, top-p 0.9) and scored at every "
                     "evaluation (train.eval_every steps; 0: none)",
@@ -216,7 +216,7 @@ def settings_of(algorithm: Algorithm, config: ml_collections.ConfigDict, eos_id:
     section = config[algorithm.name]
     return Settings(rollouts=section.rollouts, mini_batch=config.train.global_batch_size, epochs=section.epochs,
                     max_new_tokens=section.max_new_tokens, temperature=section.temperature,
-                    sample_batch_size=section.batch_size, score_batch_size=section.score_batch_size,
+                    slots=section.batch_size, score_batch_size=section.score_batch_size,
                     seq_len=config.train.seq_len, seed=config.train.seed, eos_id=eos_id,
                     samples=algorithm.group_size(section))
 
@@ -324,7 +324,7 @@ def evaluate(algorithm: Algorithm, model: nnx.Module, frozen: FrozenModels, samp
     policy = algorithm.policy_of(model)
     sampler.update(policy)
     answers = answer_held_out(sampler, prompts.tokens, max_new_tokens=settings.max_new_tokens,
-                              eos_id=settings.eos_id, batch_size=settings.sample_batch_size, seed=settings.seed)
+                              eos_id=settings.eos_id, slots=settings.slots, seed=settings.seed)
     indices = np.array([answer.prompt for answer in answers])
     tokens = [prompts.tokens[index] for index in indices]
     _, _, scores = rewards(frozen.scoring_with(model.value) if algorithm.value_model else frozen, prompts, tokens,

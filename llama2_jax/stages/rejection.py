@@ -51,7 +51,8 @@ from llama2_jax.errors import ConfigError
 from llama2_jax.generate import SamplingParams
 from llama2_jax.rollout import files as rollout_files
 from llama2_jax.rollout.prompts import PromptSet, check_models_of, encode_prompts
-from llama2_jax.rollout.sampler import CUT_ANSWER_EOS, Answer, Sampler, answer_held_out, part_seed, scored_sequence
+from llama2_jax.rollout.sampler import (CUT_ANSWER_EOS, Answer, Sampler, answer_held_out, sampling_seed,
+                                        scored_sequence)
 from llama2_jax.rollout.scoring import score_answers
 from llama2_jax.stages import rejection_files as files
 from llama2_jax.stages import rejection_metrics
@@ -76,7 +77,7 @@ CONFIG_DOCS = {
     "rejection.temperature": "sampling temperature: one value for every round, or one per round",
     "rejection.rounds": "rounds of sample, score, select, pool and fine-tune",
     "rejection.max_new_tokens": "longest answer, in tokens",
-    "rejection.batch_size": "rows (prompts x K) per sampling call",
+    "rejection.batch_size": "answers decoding together (the sampler's slots); answers are saved in parts of 8 x that",
     "rejection.score_batch_size": "sequences per reward-model batch",
     "rejection.eval_prompts": "held-out prompts (data.eval_split) answered (temperature 0.6, top-p 0.9) and scored "
                               "before the first round and after each (0: none)",
@@ -210,7 +211,7 @@ class _Run:
     # ---- the phases ----------------------------------------------------------------------------
 
     def sample(self, number: int, policy_path: str) -> list[Answer] | None:
-        """K answers to every training prompt, or None when asked to stop (the batches sampled are kept)."""
+        """K answers to every training prompt, or None when asked to stop (the parts sampled are kept)."""
         sampling = SamplingParams(temperature=temperature(self.config, number))
         _print(f"round {number}: sampling {self.settings.samples} answers to each of {len(self.training.indices)} "
                f"prompts from {policy_path} at temperature {sampling.temperature}")
@@ -218,11 +219,9 @@ class _Run:
         answers, seconds, stopped = sampler.sample(
             self.training.tokens, samples=self.settings.samples, sampling=sampling,
             max_new_tokens=self.settings.max_new_tokens, eos_id=self.tokenizer.eos_id,
-            batch_size=self.settings.batch_size, seed=lambda part: part_seed(self.config.train.seed, number, part),
+            slots=self.settings.batch_size, seed=sampling_seed(self.config.train.seed, number), resumable=True,
             saved=lambda part: self.saved_part(number, part),
-            save=lambda part, found, seconds: rollout_files.write_json(files.part_path(self.workdir, number, part), {
-                "seconds": seconds, "answers": [dataclasses.asdict(answer) for answer in found]}),
-            stop=self.should_stop)
+            save=lambda part, found, seconds: self.save_part(number, part, found, seconds), stop=self.should_stop)
         del sampler
         if stopped:
             return None
@@ -231,6 +230,11 @@ class _Run:
             raise ValueError(f"round {number}: all {len(answers)} answers are empty (the policy ends at once); start "
                              "from a model that answers (an SFT model), or change rejection.temperature")
         return answers
+
+    def save_part(self, number: int, part: int, answers: list[Answer], seconds: float) -> None:
+        rollout_files.write_json(files.part_path(self.workdir, number, part), {"seconds": seconds, "answers": [
+            {"prompt": answer.prompt, "sample": answer.sample, "tokens": answer.tokens, "finished": answer.finished}
+            for answer in answers]})
 
     def saved_part(self, number: int, part: int) -> tuple[list[Answer], float] | None:
         path = files.part_path(self.workdir, number, part)
@@ -309,7 +313,7 @@ class _Run:
         _print(f"round {number}: answering {len(prompts.indices)} held-out prompts")
         answers = answer_held_out(Sampler(policy, self.mesh, self.rules), prompts.tokens,
                                   max_new_tokens=self.settings.max_new_tokens, eos_id=self.tokenizer.eos_id,
-                                  batch_size=self.settings.batch_size, seed=self.config.train.seed)
+                                  slots=self.settings.batch_size, seed=self.config.train.seed)
         del policy
         scores = score_answers(
             [scored_sequence(prompts.tokens[answer.prompt], answer, self.tokenizer.eos_id) for answer in answers],

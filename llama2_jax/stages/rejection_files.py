@@ -1,7 +1,7 @@
 """What a rejection-sampling workdir keeps. Every file is written whole (llama2_jax/storage.py), so
 a resumed run finds each phase's output either complete or absent, and never redoes finished work.
 
-    WORKDIR/round_N/samples/part_NNNNN.json   one sampling batch: each answer's token ids, its seconds
+    WORKDIR/round_N/samples/part_NNNNN.json   one part of the sampling: each answer's token ids, its seconds
     WORKDIR/round_N/candidates.jsonl          every answer of round N, its scores and whether it was kept
     WORKDIR/round_N/held_out.jsonl            the held-out prompts answered after round N (round_0: before)
     WORKDIR/round_N/phases.json               seconds spent in each phase of round N

@@ -22,10 +22,11 @@ import os
 import jax
 import ml_collections
 
-from llama2_jax import generate, storage
+from llama2_jax import storage
 from llama2_jax.data.dialogs import DialogPieces, example_messages, scan
 from llama2_jax.data.pipeline import open_split
 from llama2_jax.data.tokenizer import Tokenizer
+from llama2_jax.rollout.sampler import answer_dialogs
 from llama2_jax.stages.initial import start_from_checkpoint, set_steps_from_epochs
 from llama2_jax.stages.next_token import dialog_task, rows_per_epoch
 from llama2_jax.train.loop import TrainResult, train
@@ -69,7 +70,7 @@ def answer_held_out(result: TrainResult, config: ml_collections.ConfigDict, toke
     source = open_split(config.data, config.data.eval_split, kind="chat")
     dialogs = [example_messages(source[index]) for index in range(min(config.sft.eval_prompts, len(source)))]
     prompts = [[{"role": m["role"], "content": m["content"]} for m in dialog[:-1]] for dialog in dialogs]
-    answers = generate.answer_dialogs(result.model(), tokenizer, prompts, max_new_tokens=config.sft.answer_tokens,
+    answers = answer_dialogs(result.model(), tokenizer, prompts, max_new_tokens=config.sft.answer_tokens,
                                       mesh=result.mesh, rules=result.rules)
     if jax.process_index() != 0:
         return
