@@ -22,3 +22,20 @@ def pretrained(tmp_path_factory):
                      "--config.train.eval_every=0", "--config.train.sample_length=0", "--config.train.log_every=10",
                      "--config.train.seq_len=128"]) == 0
     return workdir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One XLA compilation cache for the session, empty at its start: the many runs of the same tiny
+    stages (a run and its resumed twin, one stage's several bad-input runs) compile each program once.
+    A cache hit runs the program XLA compiled before for the same computation, so no result changes."""
+    import jax
+
+    directory = tmp_path_factory.mktemp("jax_compilation_cache")
+    previous = {name: getattr(jax.config, name) for name in ("jax_compilation_cache_dir",
+                                                             "jax_persistent_cache_min_compile_time_secs")}
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    yield directory
+    for name, value in previous.items():
+        jax.config.update(name, value)
