@@ -24,6 +24,22 @@ def pretrained(tmp_path_factory):
     return workdir
 
 
+QUICK_PIPELINE = "--config=configs/pipeline.py:tiny,quick"  # as tests/test_pipeline.py runs it
+
+
+@pytest.fixture(scope="session")
+def quick_pipeline(tmp_path_factory):
+    """`python -m llama2_jax pipeline` on its quick config (every stage a few steps of a two-layer
+    model), run to its end in this process: tests/test_pipeline.py checks it and starts its reruns
+    from copies, the notebook's test starts its own run of the same config from one (read, never
+    written)."""
+    from llama2_jax import cli
+
+    workdir = tmp_path_factory.mktemp("quick_pipeline")
+    assert cli.main(["pipeline", QUICK_PIPELINE, f"--workdir={workdir}"]) == 0
+    return workdir
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One XLA compilation cache for the session, empty at its start: the many runs of the same tiny
