@@ -24,6 +24,26 @@ def pretrained(tmp_path_factory):
     return workdir
 
 
+@pytest.fixture(scope="session")
+def random_models(tmp_path_factory):
+    """A random two-layer tiny policy (seed 0) and helpfulness and safety reward models (seeds 1 and
+    2), with the bundled tokenizer: where the sampling stages' tests start (read, never written)."""
+    from flax import nnx
+
+    from llama2_jax.checkpoint.convert import export_model
+    from llama2_jax.data.tokenizer import Tokenizer
+    from llama2_jax.model.config import LlamaConfig
+    from llama2_jax.model.llama import Llama, LlamaRewardModel
+
+    root = tmp_path_factory.mktemp("random_models")
+    config = LlamaConfig.from_preset("tiny", compute_dtype="float32", n_layers=2)
+    for name, model in (("policy", Llama(config, rngs=nnx.Rngs(0))),
+                        ("helpfulness", LlamaRewardModel(config, rngs=nnx.Rngs(1))),
+                        ("safety", LlamaRewardModel(config, rngs=nnx.Rngs(2)))):
+        export_model(model, str(root / name), "orbax", tokenizer_path=str(Tokenizer().path))
+    return root
+
+
 QUICK_PIPELINE = "--config=configs/pipeline.py:tiny,quick"  # as tests/test_pipeline.py runs it
 
 
