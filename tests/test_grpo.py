@@ -14,7 +14,6 @@ from flax import nnx
 from ml_collections import ConfigDict
 
 from llama2_jax import cli, sharding
-from llama2_jax.checkpoint.convert import export_model
 from llama2_jax.checkpoint.load import load_pretrained
 from llama2_jax.data.instructions import InstructionSet, follows_instruction, load_characters_and_plays
 from llama2_jax.data.prompts import Prompt
@@ -233,11 +232,10 @@ def _config(group_size, rollouts, batch):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(random_models, tmp_path_factory):
     """A random policy with the bundled tokenizer, and a small set of prompts."""
     root = tmp_path_factory.mktemp("grpo_models")
-    config = LlamaConfig.from_preset("tiny", compute_dtype="float32", n_layers=2)
-    export_model(Llama(config, rngs=nnx.Rngs(0)), str(root / "policy"), "orbax", tokenizer_path=str(TOKENIZER.path))
+    (root / "policy").symlink_to(random_models / "policy")  # the session's random policy
     records = [{"messages": [{"role": "user", "content": f"Continue this speech:\n{line}"}]} for line in LINES]
     (root / "prompts.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
     return root

@@ -11,7 +11,6 @@ import shutil
 import pytest
 
 from llama2_jax import cli, config_cli
-from llama2_jax.data.config import DEMO_DATA_DIR
 from llama2_jax.recipe import run as pipeline_run
 from llama2_jax.recipe.steps import STEP_NAMES, STEPS
 from llama2_jax.train import loop
@@ -20,24 +19,10 @@ from tests.stop_requests import stop_when
 CONFIG = "--config=configs/pipeline.py:tiny,quick"
 
 
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
+def pipeline(workdir, *extra):
     """`python -m llama2_jax pipeline` on its quick config (every stage a few steps of a two-layer
-    model), rejection sampling, PPO and the evaluation on 24 of the demo prompts and 40 questions."""
-    data = tmp_path_factory.mktemp("pipeline_data")
-    prompts = data / "prompts.jsonl"
-    prompts.write_text("".join((DEMO_DATA_DIR / "prompts_validation.jsonl").read_text().splitlines(True)[:24]))
-    flags = [flag for name in ("rejection", "ppo") for flag in (
-        f"--config.{name}.data.dataset=pipeline_prompts", f"--config.{name}.data.paths=('{prompts}',)",
-        f"--config.{name}.data.format=prompts", f"--config.{name}.data.holdout_fraction=0.3")]
-    task = data / "task.jsonl"
-    task.write_text("".join((DEMO_DATA_DIR / "next_line_choice.jsonl").read_text().splitlines(True)[:40]))
-    flags += [f"--config.evaluate.prompts={prompts}", f"--config.evaluate.task={task}", "--config.evaluate.dataset="]
-
-    def run(workdir, *extra):
-        return cli.main(["pipeline", CONFIG, f"--workdir={workdir}", *flags, *extra])
-
-    return run
+    model), the config tests/conftest.py's `quick_pipeline` ran."""
+    return cli.main(["pipeline", CONFIG, f"--workdir={workdir}", *extra])
 
 
 def table_figures(workdir) -> list[float]:
@@ -49,13 +34,15 @@ def table_figures(workdir) -> list[float]:
 
 
 @pytest.fixture(scope="module")
-def finished(pipeline, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pipeline")
-    assert pipeline(workdir) == 0
+def finished(quick_pipeline, tmp_path_factory):
+    """A copy of the session's finished quick run, which the reruns here may write to."""
+    workdir = tmp_path_factory.mktemp("pipeline") / "run"
+    shutil.copytree(quick_pipeline, workdir, symlinks=True)
     return workdir
 
 
-def test_every_stage_runs_from_the_one_before_and_the_table_has_each_measure(finished):
+def test_every_stage_runs_from_the_one_before_and_the_table_has_each_measure(quick_pipeline):
+    finished = quick_pipeline
     for name in STEP_NAMES:
         assert (finished / name / "step.json").is_file(), name
     config = json.loads((finished / "ppo" / "train" / "config.json").read_text())
@@ -72,7 +59,7 @@ def test_every_stage_runs_from_the_one_before_and_the_table_has_each_measure(fin
     assert (finished / "pipeline.png").stat().st_size > 0
 
 
-def test_a_rerun_skips_every_finished_stage(pipeline, finished, monkeypatch, capsys):
+def test_a_rerun_skips_every_finished_stage(finished, monkeypatch, capsys):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
@@ -81,7 +68,7 @@ def test_a_rerun_skips_every_finished_stage(pipeline, finished, monkeypatch, cap
     assert capsys.readouterr().out.count("finished before, skipped") == len(STEPS)
 
 
-def test_a_run_stopped_in_ppo_and_by_sigterm_in_chat_ends_with_the_same_table(pipeline, finished, tmp_path,
+def test_a_run_stopped_in_ppo_and_by_sigterm_in_chat_ends_with_the_same_table(finished, tmp_path,
                                                                               monkeypatch):
     for name in STEP_NAMES[: STEP_NAMES.index("ppo")]:
         shutil.copytree(finished / name, tmp_path / name)
@@ -157,7 +144,7 @@ def absolute(value):
     return os.path.abspath(value) if isinstance(value, str) and value and os.path.exists(value) else value
 
 
-def test_bad_input_is_one_clear_line_and_nothing_is_lost(pipeline, finished, tmp_path, capsys):
+def test_bad_input_is_one_clear_line_and_nothing_is_lost(finished, tmp_path, capsys):
     assert cli.main(["pipeline", CONFIG, f"--workdir={tmp_path}", "--config.stages=sft,rlhf"]) == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "unknown stage 'rlhf'" in error and "reward_helpfulness" in error

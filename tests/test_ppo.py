@@ -156,14 +156,11 @@ def test_one_ppo_step_on_a_fixed_batch_lowers_its_loss_and_each_model_has_its_ow
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(random_models, tmp_path_factory):
     """A random policy and reward models with the bundled tokenizer, and a small set of prompts."""
     root = tmp_path_factory.mktemp("ppo_models")
-    config = LlamaConfig.from_preset("tiny", compute_dtype="float32", n_layers=2)
-    for name, model in (("policy", Llama(config, rngs=nnx.Rngs(0))),
-                        ("helpfulness", LlamaRewardModel(config, rngs=nnx.Rngs(1))),
-                        ("safety", LlamaRewardModel(config, rngs=nnx.Rngs(2)))):
-        export_model(model, str(root / name), "orbax", tokenizer_path=str(TOKENIZER.path))
+    for name in ("policy", "helpfulness", "safety"):
+        (root / name).symlink_to(random_models / name)  # the session's random models
     records = [{"messages": [{"role": "user", "content": f"Continue this speech:\n{line}"}], "safety": index % 3 == 0}
                for index, line in enumerate(LINES)]
     (root / "prompts.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))

@@ -12,7 +12,7 @@ from llama2_jax.checkpoint.convert import export_model
 from llama2_jax.checkpoint.load import load_pretrained
 from llama2_jax.data.tokenizer import Tokenizer, train_tokenizer
 from llama2_jax.model.config import LlamaConfig
-from llama2_jax.model.llama import Llama, LlamaRewardModel
+from llama2_jax.model.llama import Llama
 from llama2_jax.reward import combine
 from llama2_jax.sharding import model_arrays
 from llama2_jax.stages import rejection
@@ -72,14 +72,11 @@ def test_best_of_k_curves_take_the_first_k_samples():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(random_models, tmp_path_factory):
     """A random policy and reward models with the bundled tokenizer, and a small set of prompts."""
     root = tmp_path_factory.mktemp("rejection_models")
-    config = LlamaConfig.from_preset("tiny", compute_dtype="float32", n_layers=2)
-    for name, model in (("policy", Llama(config, rngs=nnx.Rngs(0))),
-                        ("helpfulness", LlamaRewardModel(config, rngs=nnx.Rngs(1))),
-                        ("safety", LlamaRewardModel(config, rngs=nnx.Rngs(2)))):
-        export_model(model, str(root / name), "orbax", tokenizer_path=str(TOKENIZER.path))
+    for name in ("policy", "helpfulness", "safety"):
+        (root / name).symlink_to(random_models / name)  # the session's random models
     records = [{"messages": [{"role": "user", "content": f"Continue this speech:\n{line}"}], "safety": index % 3 == 0}
                for index, line in enumerate(LINES)]
     records.append({"messages": [{"role": "user", "content": "Continue this speech:\n" + "word " * 300}]})

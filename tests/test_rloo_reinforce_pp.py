@@ -6,18 +6,11 @@ import math
 
 import numpy as np
 import pytest
-from flax import nnx
 from ml_collections import ConfigDict
 
 from llama2_jax import cli
-from llama2_jax.checkpoint.convert import export_model
 from llama2_jax.checkpoint.load import load_pretrained
-from llama2_jax.data.tokenizer import Tokenizer
-from llama2_jax.model.config import LlamaConfig
-from llama2_jax.model.llama import Llama
 from llama2_jax.stages import on_policy, reinforce_pp, rloo
-
-TOKENIZER = Tokenizer()
 
 
 def rollout(rewards, groups, mask, kl):
@@ -71,10 +64,9 @@ def reward_of_length(messages, answer):
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(random_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("on_policy_models")
-    config = LlamaConfig.from_preset("tiny", compute_dtype="float32", n_layers=2)
-    export_model(Llama(config, rngs=nnx.Rngs(0)), str(root / "policy"), "orbax", tokenizer_path=str(TOKENIZER.path))
+    (root / "policy").symlink_to(random_models / "policy")  # the session's random policy
     records = [{"messages": [{"role": "user", "content": f"Continue this speech, part {index}."}]}
                for index in range(12)]
     (root / "prompts.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
