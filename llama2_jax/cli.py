@@ -112,7 +112,9 @@ def run_stage(argv: Sequence[str], *, command: str, module_name: str) -> int:
                         help="checkpoints, metrics and TensorBoard go here; rerunning resumes from it")
     if "-h" in argv or "--help" in argv:
         parser.print_help()
-        config_cli.print_config_help(argv)
+        from llama2_jax import config_help
+
+        config_help.print_config_help(argv)
         return 0
     config, rest = config_cli.parse_config_flags(argv)
     if config.stage != stage.STAGE:

@@ -4,7 +4,8 @@ The config file is a Python module with `get_config(arg)` returning an ml_collec
 `path.py:arg` passes `arg`. Each `--config.a.b=value` (or `--config.a.b value`) then sets one
 existing key, parsed to that key's type; a key that takes several values also takes one alone
 (`--config.data.paths=file.jsonl` for `"('file.jsonl',)"`). The ConfigDict is locked afterwards,
-and an unknown key is an error that names it and the closest valid keys.
+and an unknown key is an error that names it and the closest valid keys. What each key means is
+llama2_jax/config_help.py's.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 
 import ml_collections
 
-from llama2_jax import stages
 from llama2_jax.errors import ConfigError
 
 
@@ -156,42 +156,3 @@ def parse_config_flags(
     if spec is None:
         raise ConfigError(f"--{flag}=path/to/config.py[:arg] is required")
     return parse_overrides(load_config_file(spec), argv, flag)
-
-
-def key_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """What each key of `config` means: the shared sections' docs and its stage's own (a pipeline's
-    config: llama2_jax/recipe/steps.py says)."""
-    from llama2_jax.train.config import KEY_DOCS
-
-    if "stage" not in config and "config_files" in config:
-        from llama2_jax.recipe.steps import config_docs
-
-        return config_docs(config)
-    return {**KEY_DOCS, **stages.stage_module(config.stage).CONFIG_DOCS}
-
-
-def describe(config: ml_collections.ConfigDict) -> str:
-    """Every key with its value and its meaning, grouped by section."""
-    docs = key_docs(config)
-    lines = []
-    for key in flat_keys(config):
-        section, _, name = key.rpartition(".")
-        value = config
-        for part in key.split("."):
-            value = value[part]
-        if section and (not lines or lines[-1][0] != section):
-            lines.append((section, None, None))
-        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-        lines.append((section, f"{'  ' if section else ''}{name} = {shown}", docs.get(key, "")))
-    width = max(len(text) for _, text, _ in lines if text)
-    return "\n".join(f"{section}" if text is None else f"  {text:<{width}}  {doc}".rstrip()
-                     for section, text, doc in lines)
-
-
-def print_config_help(argv: Sequence[str]) -> None:
-    """With --config among `argv`, print that config's keys (overrides applied) after the help."""
-    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv):
-        print("\nadd --config=FILE.py:SIZE to --help to list that config's keys, values and meanings")
-        return
-    config, _ = parse_config_flags([arg for arg in argv if arg not in ("-h", "--help")])
-    print(f"\nconfig keys (override any with --config.SECTION.KEY=VALUE):\n{describe(config)}")

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from llama2_jax import cli
-from llama2_jax.config_cli import flat_keys, key_docs, load_config_file
+from llama2_jax.config_cli import flat_keys, load_config_file
+from llama2_jax.config_help import key_docs
 
 CONFIG_FILES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), os.pardir, "configs", "*.py")))
 SUBCOMMANDS = {"data": ["build", "tokenize", "info"], "tokenizer": ["train", "encode", "decode"],

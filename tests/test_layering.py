@@ -1,5 +1,5 @@
-"""The package's layers: no stage imports another stage, the command line or the evaluations'
-policy comparison; what stages share lives in modules that are not stages."""
+"""The package's layers: no stage imports another stage or the command line, sampling and scoring
+import no stage, and parsing a config is apart from the recipe that documents its keys."""
 
 import ast
 import pathlib
@@ -38,3 +38,9 @@ def test_sampling_scoring_and_evaluation_import_no_stage():
         for path in (PACKAGE / package).glob("*.py"):
             stage_imports = sorted(name for name in imported_modules(path) if name.startswith("llama2_jax.stages"))
             assert not stage_imports, f"{path.relative_to(PACKAGE.parent)} imports {stage_imports}"
+
+
+def test_config_parsing_imports_neither_the_stages_nor_the_recipe():
+    # The pipeline's steps parse configs; what the keys mean (config_help.py) reads the steps in turn.
+    imported = imported_modules(PACKAGE / "config_cli.py")
+    assert not [name for name in imported if name.startswith(("llama2_jax.stages", "llama2_jax.recipe"))], imported

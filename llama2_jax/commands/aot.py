@@ -123,7 +123,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--num-slices", type=int, default=1, help="slices joined over DCN")
     if "-h" in argv or "--help" in argv:
         parser.print_help()
-        config_cli.print_config_help(argv)
+        from llama2_jax import config_help
+
+        config_help.print_config_help(argv)
         return 0
     config, rest = config_cli.parse_config_flags(argv)
     args = parser.parse_args(rest)

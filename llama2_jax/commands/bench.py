@@ -128,7 +128,9 @@ def main_train(argv: Sequence[str]) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the compiling one")
     if "-h" in argv or "--help" in argv:
         parser.print_help()
-        config_cli.print_config_help(argv)
+        from llama2_jax import config_help
+
+        config_help.print_config_help(argv)
         return 0
     config_file, _, rest = config_cli.split_flags(argv, "config")
     has_config = config_file is not None

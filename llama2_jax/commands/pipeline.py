@@ -52,7 +52,9 @@ def main(argv: Sequence[str]) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print every stage's command; run nothing")
     if "-h" in argv or "--help" in argv:
         parser.print_help()
-        config_cli.print_config_help(argv)
+        from llama2_jax import config_help
+
+        config_help.print_config_help(argv)
         return 0
     spec, _, _ = config_cli.split_flags(argv, "config")
     if spec is None:

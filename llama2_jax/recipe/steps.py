@@ -323,16 +323,3 @@ COMMAND_DOCS = {
     "chat.count": "how many prompts the final policy answers",
     "chat.max_new_tokens": "longest answer",
 }
-
-
-def config_docs(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """What each key of a pipeline's config means: its own keys, and each stage section's keys as
-    that stage documents them."""
-    docs = {}
-    for key in config_cli.flat_keys(config):
-        section, _, rest = key.partition(".")
-        if isinstance(config.get(section), ml_collections.ConfigDict) and "stage" in config[section]:
-            docs[key] = config_cli.key_docs(config[section]).get(rest, "")
-        else:
-            docs[key] = COMMAND_DOCS.get(key) or COMMAND_DOCS.get(f"{section}.*", "")
-    return docs
