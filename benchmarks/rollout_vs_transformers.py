@@ -76,10 +76,10 @@ def main():
                       "devices": str(jax.devices()), "load": os.getloadavg()}), flush=True)
 
     def continuous(batch):
-        completions = engine.sample(ours, prompts, samples=K, max_new_tokens=args.new, eos_id=eos, slots=batch,
+        answers = engine.sample(ours, prompts, samples=K, max_new_tokens=args.new, eos_id=eos, slots=batch,
                                     sampling=sampling, seed=args.seed, refill_at=args.refill_at,
                                     decoding_state=decoding_state)
-        return [completion.tokens for completion in completions]
+        return [list(answer.tokens) for answer in answers]
 
     def static(batch):
         order = sorted(range(len(prompts)), key=lambda index: len(prompts[index]))

@@ -13,7 +13,7 @@ from llama2_jax.config_cli import parse_config_flags
 from llama2_jax.data import DataError, Tokenizer, default_data_config, open_split, sources
 from llama2_jax.data.records import (CHAT_EXAMPLE, parse_chat_record, parse_preference_record, parse_prompt_record,
                                      parse_records)
-from llama2_jax.stages import preference_pairs as pairs
+from llama2_jax.stages import preference_pairs
 
 HI, HELLO, WHAT = "Hi", "Hello! How can I help?", "What?"
 USER, ANSWER, OTHER = ({"role": "user", "content": HI}, {"role": "assistant", "content": HELLO},
@@ -188,16 +188,16 @@ def test_a_local_dataset_built_with_another_holdout_is_built_again(tmp_path, cap
                          ("anthropic_harmless", 0.125)]),
 ], ids=["reward_tiny", "reward_tiny_safety", "dpo_tiny", "reward_7b", "dpo_70b"])
 def test_the_bundled_and_paper_data_keep_their_companions_and_files_of_your_own_get_none(config, expected):
-    names, shares = pairs.mixture(config)
+    names, shares = preference_pairs.mixture(config)
     assert names == [name for name, _ in expected] and shares == pytest.approx([share for _, share in expected])
     for change in ({"paths": ("mine.jsonl",)}, {"dataset": "my_pairs"}):
         own = config.copy_and_resolve_references()
         own.data.update(change)
-        assert pairs.mixture(own) == ([own.data.dataset], [1.0])
-        assert "nothing is mixed into" in pairs.mixture_line(own)
+        assert preference_pairs.mixture(own) == ([own.data.dataset], [1.0])
+        assert "nothing is mixed into" in preference_pairs.mixture_line(own)
     alone = config.copy_and_resolve_references()
     alone[config.stage].mix = ()
-    assert pairs.mixture(alone) == ([config.data.dataset], [1.0])
+    assert preference_pairs.mixture(alone) == ([config.data.dataset], [1.0])
 
 
 def test_a_mix_named_on_the_command_line_is_drawn_in_with_your_files(tmp_path, capsys):
@@ -208,12 +208,12 @@ def test_a_mix_named_on_the_command_line_is_drawn_in_with_your_files(tmp_path, c
     flags = ["--config=configs/reward.py:tiny", f"--config.data.paths={mine}", "--config.data.format=preferences",
              "--config.data.dataset=mine", f"--config.data.data_dir={tmp_path / 'tfds'}", "--config.train.eval_every=0"]
     config, _ = parse_config_flags(flags)
-    pairs.count_pairs(config, Tokenizer())
+    preference_pairs.count_pairs(config, Tokenizer())
     assert ("training mix: mine 1 (reward.mix None: nothing is mixed into data.paths; reward.mix=((name, share), ...) "
             "names datasets to mix in)") in capsys.readouterr().out.splitlines()
     config, _ = parse_config_flags([*flags, "--config.reward.mix=(('other_pairs', 0.25),)"])
-    assert [found.name for found in pairs.count_pairs(config, Tokenizer())] == ["mine", "other_pairs"]
+    assert [found.name for found in preference_pairs.count_pairs(config, Tokenizer())] == ["mine", "other_pairs"]
     assert "training mix: mine 0.75, other_pairs 0.25 (reward.mix as set)" in capsys.readouterr().out
     config, _ = parse_config_flags([*flags, "--config.reward.mix=(('never_built', 0.25),)"])
     with pytest.raises(DataError, match="reward.mix mixes in never_built, and dataset 'never_built' is not prepared"):
-        pairs.count_pairs(config, Tokenizer())
+        preference_pairs.count_pairs(config, Tokenizer())
